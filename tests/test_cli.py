@@ -1,0 +1,123 @@
+"""The `mmbridge` console script (nbs/81_cli.ipynb): train, resume, exit codes, and the lazily imported zoo / data commands."""
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmbridge_ref.cli import main
+from mmbridge_ref.train import Task, ToyLM, load_checkpoint, read_csv, register_task, toy_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "configs" / "toy.yaml")
+SHORT = ["stages.0.steps=3", "stages.1.steps=3", "train.batch_size=8", "data.seq_len=12", "train.eval_every=0",
+         "train.ckpt_every=0", "data.eval_batches=1", "optim.warmup_steps=2"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(run_dir, *extra):
+    return main(["train", TOY, "--no-progress", "--set", *SHORT, f"train.run_dir={run_dir}", *extra])
+
+
+def test_train_writes_the_run_directory(tmp_path, capsys):
+    assert train(tmp_path / "r") == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt", "config.yaml", "loss.png", "metrics.csv"]
+    out = capsys.readouterr().out
+    assert "toy: finished after 6 steps" in out and "acc=" in out
+    assert [r["step"] for r in read_csv(tmp_path / "r" / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_the_command_line_matches_the_uninterrupted_run(tmp_path, capsys):
+    assert train(tmp_path / "full") == 0
+    assert train(tmp_path / "part", "train.stop_at=4") == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert main(["train", TOY, "--no-progress", "--resume", str(tmp_path / "part"), "--set", *SHORT]) == 0
+    keys = ["step", "loss", "lr", "grad_norm"]
+    full, resumed = (read_csv(tmp_path / d / "metrics.csv") for d in ("full", "part"))
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
+
+
+def test_bad_config_key_exits_2_with_one_line_and_no_traceback(tmp_path, capsys):
+    assert train(tmp_path / "r", "optim.learning_rate=1e-3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmbridge: config error: optim.learning_rate: unknown key; allowed keys: lr,")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_usage_errors_and_missing_files(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml' does not exist" in capsys.readouterr().err
+    assert main(["train"]) == 2  # argparse: CONFIG missing
+    assert main(["frobnicate"]) == 2
+    assert main(["--help"]) == 0 and "train" in capsys.readouterr().out
+    assert main(["train", TOY, "--resume", str(tmp_path / "no_run")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+class _NaNLM(ToyLM):
+    def forward(self, batch):
+        return super().forward(batch) * float("nan")
+
+
+@register_task("cli_test_nan")
+def _nan_task(cfg):
+    base = toy_lm(cfg)
+    return Task(model=_NaNLM(**cfg.model), batch=base.batch)
+
+
+@register_task("cli_test_sigint")
+def _sigint_task(cfg):
+    base = toy_lm(cfg)
+    def batch(step):
+        if step == 1: os.kill(os.getpid(), signal.SIGINT)
+        return base.batch(step)
+    return Task(model=base.model, batch=batch)
+
+
+def test_nan_loss_exits_1_and_ctrl_c_exits_130_after_saving(tmp_path, capsys):
+    assert train(tmp_path / "nan", "task=cli_test_nan") == 1
+    assert "the loss is nan at step 1" in capsys.readouterr().err
+    assert train(tmp_path / "int", "task=cli_test_sigint") == 130
+    assert "interrupted after step 2" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "int")["step"] == 2
+
+
+def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys):
+    calls = []
+    fake_backbones = types.SimpleNamespace(build_zoo=lambda quick=False: calls.append(quick) or {"lm": {"steps": 3}},
+                                           list_zoo=lambda: {"lm": {"eval_acc": 0.9}})
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones", fake_backbones)
+    assert main(["zoo", "build", "--quick"]) == 0 and calls == [True]
+    assert main(["zoo", "build"]) == 0 and calls == [True, False]
+    assert main(["zoo", "list"]) == 0 and "eval_acc: 0.9" in capsys.readouterr().out
+
+    def preview(task="caption", n=8):
+        from matplotlib.figure import Figure
+        fig = Figure()
+        fig.subplots().set_title(f"{task} x{n}")
+        calls.append((task, n))
+        return fig
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.shapesworld", types.SimpleNamespace(preview=preview))
+    out = tmp_path / "sub" / "p.png"
+    assert main(["data", "preview", "--task", "vqa", "-n", "4", "--out", str(out)]) == 0
+    assert calls[-1] == ("vqa", 4) and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_missing_module_is_reported_not_raised(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones", None)  # makes the import fail
+    assert main(["zoo", "list"]) == 1
+    assert "`mmbridge zoo list` needs mmbridge_ref.backbones" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("mmbridge")
+    assert exe.exists(), f"{exe} missing: run `pip install -e .`"
+    r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--resume RUN_DIR" in r.stdout and "--set KEY=VALUE" in r.stdout

@@ -1,0 +1,357 @@
+"""The training engine (nbs/80_train.ipynb): config validation, token-weighted accumulation, exact resume,
+checkpoints of the trainable parts, failure modes, and DDP under torchrun equal to one process."""
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmbridge_ref.train import (CKPT_NAME, ConfigError, NonFiniteLossError, OptimConfig, StageConfig, Task,
+                                ToyLM, build_task, default_count, fit, get_task, load_checkpoint, load_config, load_run,
+                                load_trainable, param_groups, read_csv, register_task, save_checkpoint, set_trainable, slice_batch,
+                                split_bounds, stage_table, toy_lm, warmup_cosine)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "configs" / "toy.yaml"
+# Short runs: 4 head-only steps, then 6 steps of everything; small batches and sequences.
+SHORT = ["stages.0.steps=4", "stages.1.steps=6", "optim.warmup_steps=2", "train.batch_size=8", "data.seq_len=12",
+         "train.eval_every=0", "train.ckpt_every=0", "train.log_every=100", "data.eval_batches=1"]
+ROW_KEYS = ["step", "stage", "loss", "lr", "grad_norm", "targets", "skipped"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def toy(tmp_path, name, *sets):
+    return load_config(TOY, [*SHORT, f"train.run_dir={tmp_path / name}", *sets])
+
+
+def rows(history, keys=ROW_KEYS):
+    return [[r[k] for k in keys] for r in history]
+
+
+def close_rows(a, b, rel=1e-5):
+    """Same steps, stages, target counts; losses and grad norms equal up to float summation order."""
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert (ra["step"], ra["stage"], ra["targets"], ra["skipped"]) == (rb["step"], rb["stage"], rb["targets"], rb["skipped"])
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-12)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=rel), (ra, rb)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4), (ra, rb)
+
+
+def params_of(run_dir):
+    return load_checkpoint(run_dir)["params"]
+
+
+RESUME_SETS = ["train.ckpt_every=3", "model.dropout=0.2"]  # dropout: an exact resume must restore the RNG too
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The uninterrupted run that the resume tests compare with."""
+    return fit(toy(tmp_path_factory.mktemp("full"), "full", *RESUME_SETS), progress=False)
+
+
+# ---------------------------------------------------------------- config
+
+def test_bad_config_key_names_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError) as e:
+        load_config(TOY, ["optim.lrr=1e-3"])
+    assert "optim.lrr: unknown key" in str(e.value) and "allowed keys: lr, weight_decay" in str(e.value)
+    with pytest.raises(ConfigError, match=r"stages\.1\.trainabel: unknown key \(did you mean 'trainable'\?\)"):
+        load_config(TOY, ["stages.1.trainabel=['*']"])
+    with pytest.raises(ConfigError, match=r"train\.grad_accum: 'two' is not int"):
+        load_config(TOY, ["train.grad_accum=two"])
+    with pytest.raises(ConfigError, match=r"train\.grad_accum: 0 is not allowed: an integer >= 1"):
+        load_config(TOY, ["train.grad_accum=0"])
+    with pytest.raises(ConfigError, match=r"train\.precision: 'fp16' is not one of \['auto', 'fp32', 'bf16'\]"):
+        load_config(TOY, ["train.precision=fp16"])  # fp16 would need loss scaling
+    with pytest.raises(ConfigError, match=r"train\.run_dir: 'runs/\{date\}' is not allowed: a path whose only placeholder is \{name\}"):
+        load_config(TOY, ["train.run_dir=runs/{date}"])
+    with pytest.raises(ConfigError, match=r"train\.seed: True is not int"):
+        load_config(TOY, ["train.seed=true"])
+    with pytest.raises(ConfigError, match="is not of the form key.path=value"):
+        load_config(TOY, ["optim.lr"])
+
+
+def test_bad_task_sections_are_checked_by_the_task(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.dimm: unknown key \(did you mean 'dim'\?\)"):
+        fit(toy(tmp_path, "r", "model.dimm=8"), progress=False)
+    with pytest.raises(ConfigError, match="unknown task 'nope'; known tasks: .*toy_lm"):
+        get_task("nope")
+
+
+def test_overrides_parse_as_yaml_and_float_accepts_exponent_without_dot():
+    cfg = load_config(TOY, ["optim.lr=3e-4", "train.stop_at=7", "stages.0.trainable=[head.*]", "optim.betas=[0.9, 0.99]"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.stop_at == 7 and cfg.stages[0].trainable == ["head.*"] and cfg.optim.betas == (0.9, 0.99)
+    assert load_config(TOY, ["train.stop_at=null"]).train.stop_at is None
+
+
+def test_old_config_missing_newer_keys_loads_with_defaults():
+    cfg = load_config({"name": "old", "task": "toy_lm", "train": {"batch_size": 8}})
+    assert cfg.optim == OptimConfig() and cfg.stages == [StageConfig()]
+    assert cfg.train.batch_size == 8 and cfg.train.stop_at is None and cfg.train.grad_accum == 1
+    with pytest.raises(ConfigError, match="task: missing"):
+        load_config({"name": "no task"})
+
+
+def test_config_is_saved_next_to_the_run_and_loads_back(tmp_path):
+    cfg = toy(tmp_path, "r", "stages.1.steps=0")
+    res = fit(cfg)  # with the progress bar
+    assert load_config(res.run_dir / "config.yaml") == cfg
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_split_bounds_and_slices_cover_the_batch():
+    assert split_bounds(8, 2) == [(0, 4), (4, 8)] and split_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    with pytest.raises(ValueError, match="n=2 rows into parts=4"):
+        split_bounds(2, 4)
+    b = toy_lm(load_config(TOY)).batch(0)
+    parts = [slice_batch(b, a, z) for a, z in split_bounds(16, 3)]
+    assert torch.equal(torch.cat([p["labels"] for p in parts]), b["labels"])
+    assert sum(default_count(p) for p in parts) == default_count(b)
+
+
+def test_warmup_cosine_shape():
+    f = lambda s: warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(19) == pytest.approx(0.1) and f(25) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 19))
+
+
+def test_param_groups_no_decay_on_1d_and_lr_multipliers():
+    model, optim = ToyLM(), OptimConfig(lr=1e-2, weight_decay=0.1)
+    set_trainable(model, ["*"])
+    groups = param_groups(model, StageConfig(lr_mult={"embed.*": 0.5}), optim)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["embed.weight"]["lr"] == 5e-3 and by_name["embed.weight"]["weight_decay"] == 0.1
+    assert by_name["head.weight"]["lr"] == 1e-2 and by_name["head.weight"]["weight_decay"] == 0.1
+    assert by_name["norm.weight"]["weight_decay"] == 0.0 and by_name["head.bias"]["weight_decay"] == 0.0
+    assert sorted(by_name) == sorted(n for n, _ in model.named_parameters())
+    with pytest.raises(ConfigError, match="pattern 'rnn.*' matches no trainable parameter"):
+        set_trainable(model, ["head.*"])
+        param_groups(model, StageConfig(lr_mult={"rnn.*": 2.0}), optim)
+
+
+def test_stage_table_counts_trainable_and_frozen():
+    model = ToyLM()
+    total = sum(p.numel() for p in model.parameters())
+    rows_ = stage_table(model, [StageConfig("a", 1, ["head.*"]), StageConfig("b", 1, ["*"])])
+    assert rows_[0]["trainable"] == sum(p.numel() for p in model.head.parameters())
+    assert rows_[0]["trainable"] + rows_[0]["frozen"] == total and rows_[1]["frozen"] == 0
+    assert rows_[0]["trains"] == "head"
+
+
+def test_pattern_that_matches_nothing_fails_before_training(tmp_path):
+    cfg = toy(tmp_path, "r", "stages.1.trainable=[rnn.*, decoder.*]")
+    with pytest.raises(ConfigError, match=r"stages\.1\.trainable: pattern 'decoder\.\*' matches no parameter; the parameters are embed\.weight"):
+        fit(cfg, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- the loop
+
+def test_accumulation_equals_large_batch(tmp_path):
+    """grad_accum=4 (micro-batches with different numbers of targets) takes the same steps as one batch of 8."""
+    b = toy_lm(toy(tmp_path, "x")).batch(0)
+    counts = [default_count(slice_batch(b, a, z)) for a, z in split_bounds(8, 4)]
+    assert len(set(counts)) > 1, counts  # so a mean of per-micro-batch means would differ
+    sets = ["model.dropout=0"]
+    big = fit(toy(tmp_path, "big", *sets, "train.grad_accum=1"), progress=False)
+    acc = fit(toy(tmp_path, "acc", *sets, "train.grad_accum=4"), progress=False)
+    close_rows(acc.history, big.history)
+    for n, p in params_of(big.run_dir).items():
+        torch.testing.assert_close(params_of(acc.run_dir)[n], p, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_at", [2, 4, 7])  # inside stage 0, at the stage boundary, inside stage 1
+def test_resume_equals_uninterrupted(tmp_path, full, stop_at, caplog):
+    sets = RESUME_SETS
+    part = fit(toy(tmp_path, "part", *sets, f"train.stop_at={stop_at}"), progress=False)
+    assert (part.step, part.stopped, len(part.history)) == (stop_at, True, stop_at)
+    assert load_checkpoint(part.run_dir)["step"] == stop_at
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+        rest = fit(toy(tmp_path, "part", *sets), resume=part.run_dir, progress=False)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # same config: nothing to warn about
+    assert rows(rest.history) == rows(full.history)  # exactly, not approximately
+    assert rest.metrics == full.metrics and rest.step == full.step and not rest.stopped
+    assert rows(read_csv(rest.run_dir / "metrics.csv")) == rows(full.history)
+    for n, p in params_of(full.run_dir).items():
+        assert torch.equal(params_of(rest.run_dir)[n], p), n
+
+
+def test_resume_with_a_changed_config_warns_naming_the_key(tmp_path, caplog):
+    part = fit(toy(tmp_path, "r", "train.stop_at=1"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+        fit(toy(tmp_path, "elsewhere", "train.stop_at=2", "optim.lr=0.5"), resume=part.run_dir, progress=False)
+    assert any("differs from its config.yaml: optim.lr: 0.01 -> 0.5" in r.getMessage() for r in caplog.records)
+    assert load_config(part.run_dir / "config.yaml").train.run_dir == str(part.run_dir)  # where the run really is
+
+
+@register_task("test_sigint_lm")
+def _sigint_task(cfg):
+    """The toy task, with a Ctrl-C (SIGINT) arriving while batch index 4 (step 5) is prepared."""
+    base = toy_lm(cfg)
+    def batch(step):
+        if step == 4: os.kill(os.getpid(), signal.SIGINT)
+        return base.batch(step)
+    return Task(model=base.model, batch=batch, evaluate=base.evaluate)
+
+
+@register_task("test_interrupt_lm")
+def _interrupt_task(cfg):
+    """The toy task, with a KeyboardInterrupt raised inside step 6 (a second Ctrl-C would do this)."""
+    base = toy_lm(cfg)
+    def batch(step):
+        if step == 5: raise KeyboardInterrupt
+        return base.batch(step)
+    return Task(model=base.model, batch=batch, evaluate=base.evaluate)
+
+
+@pytest.mark.parametrize("task, saved_step", [("test_sigint_lm", 5), ("test_interrupt_lm", 5)])
+def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path, full, task, saved_step):
+    sets, handler = RESUME_SETS, signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit(toy(tmp_path, "int", *sets, f"task={task}"), progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler  # fit put the Ctrl-C handler back
+    assert load_checkpoint(tmp_path / "int")["step"] == saved_step
+    rest = fit(toy(tmp_path, "int", *sets), resume=tmp_path / "int", progress=False)
+    assert rows(rest.history) == rows(full.history)
+
+
+def test_no_supervision_batch_is_skipped_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+        res = fit(toy(tmp_path, "r", "data.unsupervised_batches=[1, 5]"), progress=False)
+    warned = [r.getMessage() for r in caplog.records if "no supervised targets" in r.getMessage()]
+    assert len(warned) == 2 and "step 2 (stage 'head')" in warned[0] and "step 6 (stage 'all')" in warned[1]
+    assert [r["skipped"] for r in res.history] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert [r["targets"] == 0 for r in res.history] == [r["loss"] is None for r in res.history]
+    assert all(math.isfinite(r["loss"]) for r in res.history if r["loss"] is not None)
+    assert read_csv(res.run_dir / "metrics.csv")[-1]["skipped"] == 2
+    assert all(torch.isfinite(p).all() for p in params_of(res.run_dir).values())
+
+
+@register_task("test_half_masked_lm")
+def _half_masked_task(cfg):
+    """The toy task with every label of the first half of each batch masked: one micro-batch has nothing to learn."""
+    base = toy_lm(cfg)
+    def batch(step):
+        b = base.batch(step)
+        b["labels"][: len(b["labels"]) // 2] = -100
+        return b
+    return Task(model=base.model, batch=batch)
+
+
+def test_a_micro_batch_without_targets_is_harmless(tmp_path):
+    sets = ["task=test_half_masked_lm", "model.dropout=0"]
+    one = fit(toy(tmp_path, "one", *sets, "train.grad_accum=1"), progress=False)
+    two = fit(toy(tmp_path, "two", *sets, "train.grad_accum=2"), progress=False)
+    assert all(math.isfinite(r["loss"]) for r in two.history) and two.history[-1]["skipped"] == 0
+    close_rows(two.history, one.history)
+
+
+class _BadLossLM(ToyLM):
+    bad = float("nan")
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        return loss * self.bad if batch["step"] >= 4 else loss
+
+
+def _bad_loss_task(value):
+    def build(cfg):
+        """The toy task whose loss turns NaN (or inf) from batch index 4 (step 5) on."""
+        base = toy_lm(cfg)
+        model = _BadLossLM(**cfg.model)
+        model.load_state_dict(base.model.state_dict())  # the toy task's own initial weights
+        model.bad = value
+        return Task(model=model, batch=lambda s: base.batch(s) | {"step": s})
+    return build
+
+
+register_task("test_nan_lm")(_bad_loss_task(float("nan")))
+register_task("test_inf_lm")(_bad_loss_task(float("inf")))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
+    sets = ["train.ckpt_every=2", "model.dropout=0"]
+    good = fit(toy(tmp_path, "good", *sets, "train.stop_at=4"), progress=False)
+    with pytest.raises(NonFiniteLossError, match=rf"the loss is {bad} at step 5 \(stage 1 'all'\).*last good checkpoint .* \(step 4\)"):
+        fit(toy(tmp_path, "bad", *sets, f"task=test_{bad}_lm"), progress=False)
+    ckpt = load_checkpoint(tmp_path / "bad")
+    assert ckpt["step"] == 4
+    for n, p in params_of(good.run_dir).items():
+        assert torch.equal(ckpt["params"][n], p), n
+    assert [r["step"] for r in read_csv(tmp_path / "bad" / "metrics.csv")] == [1, 2, 3, 4]
+    assert not list((tmp_path / "bad").glob("*.tmp"))
+
+
+def test_checkpoint_holds_only_trained_parts_and_loads_into_a_fresh_model(tmp_path):
+    cfg = toy(tmp_path, "r", "stages.0.trainable=[head.*]", "stages.1.trainable=[embed.*]", "stages.1.steps=3")
+    res = fit(cfg, progress=False)
+    ckpt = load_checkpoint(res.run_dir)
+    assert sorted(ckpt["params"]) == ["embed.weight", "head.bias", "head.weight"]  # both stages' parts, nothing frozen
+    fresh = build_task(cfg)  # seeded as fit seeds it: the frozen parts start where the run's did
+    before = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    assert load_trainable(fresh.model, res.run_dir / CKPT_NAME) == list(ckpt["params"])
+    assert fresh.evaluate(fresh.model.eval()) == pytest.approx(res.metrics, rel=1e-6)
+    assert not torch.equal(before["head.weight"], fresh.model.head.weight.detach())
+    assert torch.equal(before["rnn.weight_ih_l0"], fresh.model.rnn.weight_ih_l0.detach())
+    again = load_run(res.run_dir)
+    assert again.evaluate(again.model) == pytest.approx(res.metrics, rel=1e-6)
+    with pytest.raises(ValueError, match=r"head\.weight: \(16, 32\) vs \(16, 8\)"):
+        load_trainable(ToyLM(dim=8), ckpt)
+    with pytest.raises(KeyError, match="parameters the model lacks: embed.weight"):
+        load_trainable(torch.nn.Linear(2, 2), ckpt)
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    model, path = ToyLM(), tmp_path / CKPT_NAME
+    save_checkpoint(path, model=model, names=["head.weight"], step=3)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model=model, names=["head.weight"], step=4)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_metrics_csv_and_loss_plot(tmp_path):
+    res = fit(toy(tmp_path, "r", "train.eval_every=5"), progress=False)
+    csv_rows = read_csv(res.run_dir / "metrics.csv")
+    assert rows(csv_rows) == rows(res.history)
+    assert {"samples_per_s", "targets_per_s", "eval_loss", "eval_acc"} <= set(csv_rows[0])
+    assert [r["step"] for r in csv_rows if r["eval_loss"] is not None] == [5, 10]
+    assert (res.run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res.metrics["loss"] == csv_rows[-1]["eval_loss"]
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_ddp_two_cpu_processes_equal_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, 4 rows each) == 1 process with grad_accum 2 on the same global batch of 8."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    sets = ["model.dropout=0", "train.device=cpu", "stages.0.steps=3", "stages.1.steps=3"]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "ddp_worker.py"),
+           "train", str(TOY), "--no-progress", "--set", *SHORT, *sets, f"train.run_dir={tmp_path / 'ddp'}", "train.grad_accum=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "rank 0 of 2" in r.stdout and "rank 1 of 2" in r.stdout
+    ckpt = load_checkpoint(tmp_path / "ddp")
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+    one = fit(toy(tmp_path, "one", *sets, "train.grad_accum=2"), progress=False)
+    close_rows(read_csv(tmp_path / "ddp" / "metrics.csv"), one.history)
+    for n, p in params_of(one.run_dir).items():
+        torch.testing.assert_close(ckpt["params"][n], p, rtol=1e-4, atol=1e-6)
