@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -25,10 +26,11 @@ from .train import Task, parse_dataclass, register_task
 
 # %% auto #0
 __all__ = ['ROOT', 'ZOO_DIR', 'SPECIAL_TOKENS', 'EXTRA_TOKENS', 'train_tokenizer', 'load_tokenizer', 'save_tokenizer',
-           'LanguageModel', 'tiny_lm', 'lm_loss_sum', 'count_targets', 'VisionEncoder', 'Block', 'TinyViT',
+           'LanguageModel', 'tiny_lm', 'lm_loss_sum', 'count_targets', 'VisionEncoder', 'Block', 'conv_stem', 'TinyViT',
            'OpenClipVision', 'HFVisionTower', 'freeze', 'param_table', 'show_params', 'lm_episode', 'pack_episodes',
            'LMPretrainModel', 'LMPretrainData', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'lm_pretrain_task',
-           'build_zoo', 'list_zoo', 'load_zoo_lm']
+           'build_zoo', 'list_zoo', 'load_zoo_lm', 'ProbeConfig', 'PrefixProbe', 'probe_batch', 'probe_eval',
+           'prefix_probe_task', 'probe_config', 'probe_contrast']
 
 # %% ../nbs/02_backbones.ipynb #66d5c8a3
 import mmbridge_ref
@@ -140,15 +142,32 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.ff(self.norm2(x))
 
+def conv_stem(dim:int, patch_size:int=4)->nn.Sequential:
+    "3x3 convolutions at full resolution, a 2x2 max-pool per halving: `[b, 3, H, W] -> [b, dim, H/p, W/p]` (Xiao et al. 2021)."
+    if patch_size not in (2, 4, 8): raise ValueError(f"patch_size={patch_size}: a conv stem halves the image 1, 2 or 3 times (2, 4 or 8)")
+    halvings = int(math.log2(patch_size))
+    layers, c = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()], 32
+    for i in range(halvings):
+        w = dim if i == halvings - 1 else 64
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = w
+    return nn.Sequential(*layers)
+
 class TinyViT(VisionEncoder):
-    "ViT (Dosovitskiy et al. 2021, §3.1) at toy scale: patches, learned positions, pre-norm blocks, mean pooling."
+    "ViT (Dosovitskiy et al. 2021, §3.1) at toy scale: patches (or a conv stem), learned positions, pre-norm blocks, pooling."
     def __init__(self, *, image_size:int=32, patch_size:int=4, dim:int=128, depth:int=4, heads:int=4,
-                 embed_dim:int=128, layer:int=-1):
+                 embed_dim:int=128, layer:int=-1,
+                 stem:str="patch",  # "patch": one linear map per patch; "conv": `conv_stem`, which sees shapes far sooner
+                 pool:str="mean",  # how `embed` pools the tokens: "mean", or "max" (a small object is a few of 64 tokens)
+                ):
         super().__init__()
         if image_size % patch_size: raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
-        self.image_size, self.patch_size, self.dim, self.layer = image_size, patch_size, dim, layer
-        n = (image_size // patch_size) ** 2
-        self.patch = nn.Linear(3 * patch_size**2, dim)
+        if stem not in ("patch", "conv"): raise ValueError(f"stem={stem!r} is not 'patch' or 'conv'")
+        if pool not in ("mean", "max"): raise ValueError(f"pool={pool!r} is not 'mean' or 'max'")
+        self.image_size, self.patch_size, self.dim, self.layer, self.stem, self.pool = image_size, patch_size, dim, layer, stem, pool
+        self.num_tokens = n = (image_size // patch_size) ** 2
+        if stem == "patch": self.patch = nn.Linear(3 * patch_size**2, dim)
+        else: self.conv = conv_stem(dim, patch_size)
         self.pos = nn.Parameter(torch.randn(1, n, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads=heads) for _ in range(depth))
         self.norm, self.proj = nn.LayerNorm(dim), nn.Linear(dim, embed_dim, bias=False)
@@ -157,7 +176,8 @@ class TinyViT(VisionEncoder):
         "Outputs of every block, `[depth][b, n, d]`."
         if images.shape[-2:] != (self.image_size,) * 2:
             raise ValueError(f"images are {tuple(images.shape[-2:])}, this encoder takes {self.image_size}x{self.image_size}")
-        x = self.patch(rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size))
+        if self.stem == "conv": x = rearrange(self.conv(images), "b d h w -> b (h w) d")
+        else: x = self.patch(rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch_size, p2=self.patch_size))
         x, hs = x + self.pos, []
         for blk in self.blocks:
             x = blk(x); hs.append(x)
@@ -167,7 +187,9 @@ class TinyViT(VisionEncoder):
         hs = self.hidden(images)
         return self.norm(hs[-1]) if self.layer == -1 else hs[self.layer]
 
-    def embed(self, images): return self.proj(self.norm(self.hidden(images)[-1]).mean(1))
+    def embed(self, images):
+        x = self.norm(self.hidden(images)[-1])  # [b, n, d]
+        return self.proj(x.amax(1) if self.pool == "max" else x.mean(1))
 
 # %% ../nbs/02_backbones.ipynb #04868ebe
 class OpenClipVision(VisionEncoder):
@@ -338,7 +360,9 @@ def list_zoo(zoo=None) -> dict:
     "What the zoo holds, as recorded in `zoo.json`."
     p = Path(zoo or ZOO_DIR) / "zoo.json"
     if not p.exists(): raise FileNotFoundError(f"no zoo at {p.parent}: run `mmbridge zoo build`")
-    return json.loads(p.read_text())
+    info, vision = json.loads(p.read_text()), p.parent / "vision" / "info.json"
+    if vision.exists(): info["vision"] = json.loads(vision.read_text())  # written by `build_vision_zoo` (nbs/12_clip_train)
+    return info
 
 def load_zoo_lm(name:str="lm", zoo=None) -> LanguageModel:
     "A frozen tiny LM from the zoo."
@@ -347,3 +371,83 @@ def load_zoo_lm(name:str="lm", zoo=None) -> LanguageModel:
     lm = LanguageModel.from_pretrained(path)
     freeze(lm)
     return lm
+
+# %% ../nbs/02_backbones.ipynb #3aefd18e
+@dataclass
+class ProbeConfig:
+    "The `model:` section of a `prefix_probe` run (its `data:` section stays empty)."
+    lm:str="lm"  # a zoo LM name ("lm" or "lm_bare") or a causal-LM folder
+    hidden:int=256  # the MLP's hidden width
+    max_objects:int=2  # ShapesWorld caption scenes of 1..max_objects shapes
+    eval_size:int=128  # held-out captions
+
+class PrefixProbe(nn.Module):
+    "Frozen encoder -> MLP -> prefix of a frozen LM; the loss on the caption. LLaVA-1.5 (Liu et al. 2024), §3.1."
+    def __init__(self, vision:nn.Module, lm:LanguageModel, dim_visual:int, hidden:int=256):
+        super().__init__()
+        self.vision, self.lm = freeze(vision).eval(), freeze(lm)
+        self.proj = nn.Sequential(nn.Linear(dim_visual, hidden), nn.GELU(), nn.Linear(hidden, lm.dim))
+
+    def logits(self, batch:dict)->torch.Tensor:  # [b, 1 + n + t, vocab]
+        with torch.no_grad(): feats = self.vision(batch["images"])  # [b, n, dv]
+        bos = self.lm.embed(batch["bos"])  # [b, 1, d]
+        return self.lm(inputs_embeds=torch.cat([bos, self.proj(feats), self.lm.embed(batch["input_ids"])], 1))
+
+    def forward(self, batch:dict)->torch.Tensor: return lm_loss_sum(self.logits(batch), batch["labels"])
+
+def probe_batch(ds, tok, indices, n_visual:int)->dict:
+    "Caption scenes as `[BOS][visual prefix]caption : <caption>[EOS]`; labels only on the caption and EOS."
+    s = ds.batch(list(indices))
+    pre = tok(["caption :"] * len(indices), add_special_tokens=False).input_ids
+    cap = tok(list(s["text"]), add_special_tokens=False).input_ids
+    rows = [p + c + [tok.eos_token_id] for p, c in zip(pre, cap)]
+    t = max(map(len, rows))
+    ids = torch.full((len(rows), t), tok.pad_token_id)
+    labels = torch.full((len(rows), 1 + n_visual + t), -100)
+    for i, (p, r) in enumerate(zip(pre, rows)):
+        ids[i, :len(r)] = torch.tensor(r)
+        labels[i, 1 + n_visual + len(p):1 + n_visual + len(r)] = torch.tensor(r[len(p):])
+    return dict(images=s["images"][:, 0], bos=torch.full((len(rows), 1), tok.bos_token_id), input_ids=ids, labels=labels)
+
+@torch.no_grad()
+def probe_eval(model:PrefixProbe, batch:dict)->dict:
+    "Held-out loss per caption token and next-token accuracy on the caption."
+    logits, labels = model.logits(batch), batch["labels"]
+    mask = labels[:, 1:] != -100
+    hits = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum()
+    return dict(loss=float(lm_loss_sum(logits, labels) / mask.sum()), acc=float(hits / mask.sum()))
+
+@register_task("prefix_probe")
+def prefix_probe_task(cfg)->Task:
+    "An MLP prefix bridge between the zoo vision encoder and a frozen zoo LM (the `prefix_probe` task)."
+    from mmbridge_ref.clip_train import load_zoo_vision
+    p = parse_dataclass(ProbeConfig, cfg.model, "model")
+    if cfg.data: raise ValueError(f"data: {sorted(cfg.data)} are not used by the prefix_probe task (its settings live in model:)")
+    lm = load_zoo_lm(p.lm) if p.lm in ("lm", "lm_bare") else freeze(LanguageModel.from_pretrained(p.lm))
+    vision = load_zoo_vision()
+    n, dv = vision(torch.zeros(1, 3, 32, 32)).shape[1:]
+    model, tok = PrefixProbe(vision, lm, dv, p.hidden), lm.tokenizer
+    ds = sw.ShapesWorld("caption", seed=cfg.train.seed, size=2**62, max_objects=p.max_objects)
+    held = probe_batch(sw.ShapesWorld("caption", seed=cfg.train.seed + 7919, size=p.eval_size, max_objects=p.max_objects),
+                       tok, range(p.eval_size), n)
+    b = cfg.train.batch_size
+    return Task(model=model, batch=lambda step: probe_batch(ds, tok, range(step * b, (step + 1) * b), n),
+                count=lambda batch: count_targets(batch["labels"]), evaluate=lambda m: probe_eval(m, held))
+
+def probe_config(lm:str="lm", steps:int=200, batch_size:int=32, run_dir:str="runs/{name}", **train)->dict:
+    "A `prefix_probe` run as a config dict: `steps` of `batch_size` captions at a learning rate of 2e-3."
+    return dict(name=f"probe_{lm}", task="prefix_probe", model=dict(lm=lm), data={},
+                train=dict(run_dir=run_dir, batch_size=batch_size, log_every=25, eval_every=max(steps // 4, 1), ckpt_every=0, **train),
+                optim=dict(lr=2e-3, warmup_steps=10), stages=[dict(name="bridge", steps=steps, trainable=["proj.*"])])
+
+# %% ../nbs/02_backbones.ipynb #b826234a
+def probe_contrast(steps:int=300, batch_size:int=32, run_root:str|Path="runs/probe")->dict:
+    "Train the MLP prefix bridge on `lm` and on `lm_bare` for the same budget; held-out loss and accuracy per step."
+    from mmbridge_ref.train import fit
+    out = {}
+    for lm in ("lm", "lm_bare"):
+        t0 = time.time()
+        r = fit(probe_config(lm, steps, batch_size, run_dir=f"{run_root}/{{name}}"), progress=False)
+        ev = [(h["step"], round(h["eval_loss"], 4), round(h["eval_acc"], 4)) for h in r.history if h.get("eval_loss") is not None]
+        out[lm] = dict(curve=ev, loss=round(r.metrics["loss"], 4), acc=round(r.metrics["acc"], 4), seconds=round(time.time() - t0))
+    return out

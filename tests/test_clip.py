@@ -77,7 +77,8 @@ def test_properties_permutation_and_modality_swap(b, d, seed, scale):
         base = fn(x, y, *args)
         torch.testing.assert_close(fn(x[perm], y[perm], *args), base)  # reordering the pairs changes nothing
         torch.testing.assert_close(fn(y, x, *args), base)  # neither does swapping images and captions
-    assert clip_loss(x, y, scale) > 0
+    assert clip_loss(x, y, scale) >= 0  # a cross-entropy; exactly 0 once the margin times the scale passes float precision
+    assert clip_loss(x, y, 0.5) > 0  # at a small scale no softmax saturates
 
 
 def test_batch_size_one_warns_and_is_zero():

@@ -1,20 +1,31 @@
-"""Every notebook runs top to bottom through nbdev's own executor, honouring `tst_flags` (cells flagged `slow` are skipped)."""
+"""Every notebook runs top to bottom through nbdev's own executor, honouring `tst_flags` (cells flagged `slow` are skipped).
+
+Each notebook runs in a process of its own, as `nbdev-test` runs them: a notebook's `#| export` cells redefine the
+package's classes and re-register its tasks, which must not leak into the other tests of this session."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from nbdev.config import get_config
-from nbdev.test import test_nb as run_nb  # renamed so pytest does not collect it
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "nbs").glob("[0-9]*.ipynb")) + [ROOT / "nbs" / "index.ipynb"]
+RUN = """import sys
+from pathlib import Path
+from nbdev.test import test_nb
+ok, secs = test_nb(Path(sys.argv[1]), skip_flags=sys.argv[2].split(), basepath=Path(sys.argv[3]), showerr=True)
+print(f"{Path(sys.argv[1]).name}: {secs:.1f} s")
+sys.exit(0 if ok else 1)
+"""
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(nb, monkeypatch):
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+def test_notebook_runs(nb):
     flags = get_config(ROOT).tst_flags
     skip = flags.split() if isinstance(flags, str) else list(flags)
-    ok, secs = run_nb(nb, skip_flags=skip, basepath=ROOT, showerr=True)
-    print(f"{nb.name}: {secs:.1f} s")
-    assert ok, f"{nb.name} failed (traceback above)"
+    r = subprocess.run([sys.executable, "-c", RUN, str(nb), " ".join(skip), str(ROOT)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200, env={**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"})
+    print(r.stdout[-2000:])
+    assert r.returncode == 0, f"{nb.name} failed:\n{r.stderr[-10000:]}"

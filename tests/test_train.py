@@ -78,6 +78,17 @@ def test_bad_config_key_names_the_key_and_what_is_allowed():
         load_config(TOY, ["train.seed=true"])
     with pytest.raises(ConfigError, match="is not of the form key.path=value"):
         load_config(TOY, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"train\.threads: -1 is not allowed"):
+        load_config(TOY, ["train.threads=-1"])
+
+
+def test_threads_apply_during_the_run_and_are_restored(tmp_path, monkeypatch):
+    import mmbridge_ref.train as tr
+    seen, before = [], torch.get_num_threads()
+    real = tr._Run.run
+    monkeypatch.setattr(tr._Run, "run", lambda self: seen.append(torch.get_num_threads()) or real(self))
+    fit(load_config(TOY, ["train.threads=1", "stages.0.steps=1", "stages.1.steps=1", f"train.run_dir={tmp_path}/{{name}}"]), progress=False)
+    assert seen == [1] and torch.get_num_threads() == before
 
 
 def test_bad_task_sections_are_checked_by_the_task(tmp_path):
