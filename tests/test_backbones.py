@@ -86,3 +86,12 @@ def test_lm_episode_rejects_unknown_format():
     import random
     with pytest.raises(ValueError, match="fmt='caps'"):
         bb.lm_episode(random.Random(0), "caps")
+
+
+def test_prefix_probe_rejects_a_data_section_and_unknown_keys():
+    from mmbridge_ref.backbones import probe_config
+    from mmbridge_ref.train import ConfigError, build_task, load_config
+    with pytest.raises(ValueError, match=r"\['lm'\] are not used"):
+        build_task(load_config({**probe_config("lm", steps=1), "data": {"lm": "lm"}}))
+    with pytest.raises(ConfigError, match="model.hiden"):
+        build_task(load_config({**probe_config("lm", steps=1), "model": {"hiden": 8}}))

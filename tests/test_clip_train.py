@@ -194,3 +194,8 @@ def test_clip_small_path_offline(tmp_path):
     assert res.step == 2 and all(math.isfinite(r["loss"]) for r in res.history)
     with pytest.raises(ValueError, match="takes 32x32"):
         get_task("clip")(load_config(small, [f"data.shards={pattern}", "model.open_clip=mmbridge-tiny-test"]))
+
+def test_load_zoo_clip_without_a_text_tower_names_the_fix(tmp_path):
+    from mmbridge_ref.clip_train import load_zoo_clip
+    (tmp_path / "vision").mkdir()
+    with pytest.raises(FileNotFoundError, match="mmbridge zoo build"): load_zoo_clip(tmp_path)
