@@ -23,12 +23,13 @@ from .qformer import OBJECTIVES, QFormer, QFormerPretrainer, itc_similarity
 from .train import CKPT_NAME, ConfigError, Task, load_trainable, parse_dataclass, register_task
 
 # %% auto #0
-__all__ = ['ROOT', 'TINY_CONFIG', 'ANSWER_CANDIDATES', 'MAX_CACHED', 'EVALS', 'ABLATION', 'RESULTS', 'QFormerVocab',
-           'qformer_text', 'stage2_segments', 'lm_example', 'pad_rows', 'Blip2', 'parse_objective', 'left_pad',
-           'greedy_generate', 'candidate_logprobs', 'rank_candidates', 'encoder_fingerprint', 'cached_features',
-           'Blip2Sources', 'stage1_batch', 'stage2_batch', 'eval_sets', 'caption_scores', 'blip2_evaluate',
-           'Blip2ModelConfig', 'Blip2DataConfig', 'build_backbones', 'vision_width', 'build_blip2', 'init_text_from_lm',
-           'blip2_task', 'batch_rows', 'qformer_measurements']
+__all__ = ['ROOT', 'TINY_CONFIG', 'ANSWER_CANDIDATES', 'MAX_CACHED', 'EVALS', 'ABLATION', 'RESULTS', 'RESULTS_LONG',
+           'QFormerVocab', 'qformer_text', 'stage2_segments', 'lm_example', 'pad_rows', 'Blip2', 'parse_objective',
+           'left_pad', 'greedy_generate', 'candidate_logprobs', 'rank_candidates', 'encoder_fingerprint',
+           'cached_features', 'Blip2Sources', 'stage1_batch', 'stage2_batch', 'eval_sets', 'caption_scores',
+           'itm_probs', 'itm_rerank', 'itm_metrics', 'blip2_evaluate', 'Blip2ModelConfig', 'Blip2DataConfig',
+           'build_backbones', 'vision_width', 'build_blip2', 'init_text_from_lm', 'blip2_task', 'batch_rows',
+           'qformer_measurements', 'qformer_long_stage1']
 
 # %% ../nbs/31_qformer_train.ipynb #8c051b0c
 ROOT = Path(mmbridge_ref.__file__).resolve().parents[1]
@@ -343,20 +344,60 @@ def caption_scores(scene:sw.Scene, text:str)->dict:
     out["position"] = sum(p in {o.position for o in scene.objects} for p in placed) / max(len(placed), 1)
     return out
 
-EVALS = ("retrieval", "caption", "completion", "vqa")
+EVALS = ("retrieval", "itm", "caption", "completion", "vqa")
+
+@torch.no_grad()
+def itm_probs(model:Blip2, feats:Tensor, ids:Tensor, mask:Tensor,
+              pairs:Tensor,  # [p, 2] long: (image index, text index)
+              batch_size:int=256)->Tensor:  # [p]: P(match) from the ITM head, averaged over the queries as in training
+    "The ITM head's match probability for each (image, caption) pair."
+    out = []
+    for a in range(0, len(pairs), batch_size):
+        i, j = pairs[a:a + batch_size].to(feats.device).unbind(1)
+        o = model.qformer(feats[i], ids[j], mask[j], objective="itm")
+        out.append(model.stage1.itm_head(o.queries).mean(1).softmax(-1)[:, 1])
+    return torch.cat(out).cpu()
+
+def itm_rerank(sim:Tensor,  # [rows, cols] ITC similarities
+               score:callable,  # [p, 2] (row, col) pairs -> [p] ITM probabilities
+               k:int=8)->Tensor:  # [rows, cols]: each row's top-k first, in ITM order; the rest in ITC order below them
+    "BLIP-2 retrieval: ITC shortlists k candidates per row, ITM re-orders them."
+    top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+    rows = torch.arange(sim.shape[0])[:, None].expand_as(top)
+    out = sim - sim.abs().max() - 2  # everything outside the shortlist drops below any probability
+    out[rows, top] = score(torch.stack([rows.flatten(), top.flatten()], 1)).view_as(top).to(out.dtype)
+    return out
+
+def itm_metrics(model:Blip2, feats:Tensor, ids:Tensor, mask:Tensor, sim:Tensor, texts:list[str], k:int=8)->dict:
+    "Held-out ITM accuracy on [positive; ITC's hardest negative] pairs, and R@1 after ITM re-ranking of ITC's top k."
+    same = torch.tensor([[a == b for b in texts] for a in texts])
+    n, sim = len(texts), sim.cpu()
+    hard = sim.masked_fill(same, -float("inf")).argmax(1)  # per image, the best-scoring caption that is not its own
+    ok = ~same.all(1)  # an image every caption of which is its own has no negative
+    pos = torch.stack([torch.arange(n), torch.arange(n)], 1)[ok]
+    neg = torch.stack([torch.arange(n), hard], 1)[ok]
+    p = itm_probs(model, feats, ids, mask, torch.cat([pos, neg]))
+    labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    i2t = itm_rerank(sim, lambda pr: itm_probs(model, feats, ids, mask, pr), k)
+    t2i = itm_rerank(sim.T, lambda pr: itm_probs(model, feats, ids, mask, pr.flip(1)), k)  # rows are captions here
+    return {"itm_acc": ((p > 0.5).float() == labels).float().mean().item(),
+            "i2t_r1_itm": recall_at_k(i2t, texts, ks=(1,))["i2t_r1"], "t2i_r1_itm": recall_at_k(t2i.T, texts, ks=(1,))["t2i_r1"]}
 
 @torch.no_grad()
 def blip2_evaluate(model:Blip2, sets:dict, what=("retrieval", "caption", "vqa"), batch_size:int=64)->dict:
     "Held-out metrics: R@1/R@5 image<->text (ITC), caption accuracy, VQA exact match and multiple-choice accuracy."
     out, cap, vqa = {}, sets["caption"], sets["vqa"]
     tok, dev = model.tokenizer, model.proj.weight.device
-    if "retrieval" in what:
+    if "retrieval" in what or "itm" in what:
         texts = [p["text"] for p in cap["plans"]]
         ids, mask = qformer_text(tok, model.vocab, texts, model.max_text_len)
-        o = model.qformer(_feats(model, cap), ids.to(dev), mask.to(dev), objective="itc")
+        feats, ids, mask = _feats(model, cap), ids.to(dev), mask.to(dev)
+        o = model.qformer(feats, ids, mask, objective="itc")
         q = F.normalize(model.stage1.vision_proj(o.queries), dim=-1)
         t = F.normalize(model.stage1.text_proj(o.text[:, 0]), dim=-1)
-        out |= recall_at_k(itc_similarity(q, t).cpu(), texts)
+        sim = itc_similarity(q, t).cpu()
+        if "retrieval" in what: out |= recall_at_k(sim, texts)
+        if "itm" in what: out |= itm_metrics(model, feats, ids, mask, sim, texts)
     n = len(cap["plans"])
     if "caption" in what:
         scores = []
@@ -426,7 +467,7 @@ class Blip2DataConfig:
     vqa_kinds:list[str]|None=None  # question kinds (default: all)
     eval_size:int=128  # held-out scenes per evaluation set; 0 = no evaluation
     vqa_eval_size:int|None=None  # held-out VQA questions (default eval_size): answers are short, so more are cheap
-    eval:list[str]=field(default_factory=lambda: ["retrieval", "caption", "vqa"])
+    eval:list[str]=field(default_factory=lambda: ["retrieval", "itm", "caption", "vqa"])
     cache_features:bool=True  # encode each scene once per process (CPU runs); false: the model encodes images on its device
 
 def build_backbones(m:Blip2ModelConfig)->tuple[nn.Module, LanguageModel]:
@@ -495,7 +536,7 @@ def blip2_task(cfg)->Task:
         return stage1_batch(src, tok, model.vocab, step, b, obj, m.max_text_len)
     sets = eval_sets(kw, seed, d.eval_size, src, d.vqa_kinds, d.vqa_eval_size) if d.eval_size else None
     def evaluate(model):
-        what = [w for w in d.eval if w == "retrieval" or model.steps[1] > 0]  # no stage-2 step yet: nothing to generate
+        what = [w for w in d.eval if w in ("retrieval", "itm") or model.steps[1] > 0]  # no stage-2 step yet: nothing to generate
         return model.pop_log() | blip2_evaluate(model, sets, what)
     return Task(model=model, batch=batch, count=lambda bt: count_targets(bt["labels"]) if bt["objective"] == "lm" else batch_rows(bt),
                 evaluate=None if sets is None else evaluate)
@@ -505,7 +546,7 @@ def batch_rows(bt:dict)->int: return len(bt["text"])
 # %% ../nbs/31_qformer_train.ipynb #ccc1247c
 ABLATION = {"ITC+ITM+ITG": "itc+itm+itg", "without ITC": "itm+itg", "without ITM": "itc+itg", "without ITG": "itc+itm"}
 RESULTS = ROOT / "data_samples" / "results" / "qformer.json"
-_CURVE_KEYS = ("eval_train_itc", "eval_train_itm", "eval_train_itg", "eval_train_lm", "eval_i2t_r1", "eval_t2i_r1")
+_CURVE_KEYS = ("eval_train_itc", "eval_train_itm", "eval_train_itg", "eval_train_lm", "eval_i2t_r1", "eval_t2i_r1", "eval_itm_acc")
 
 def _fit_row(config, name:str, root:Path, sets:list[str])->tuple[dict, list[dict], str]:
     "Train one row; its held-out metrics (+ seconds), its curve (the evaluated steps), its run directory."
@@ -519,9 +560,10 @@ def _fit_row(config, name:str, root:Path, sets:list[str])->tuple[dict, list[dict
 
 def qformer_measurements(config=TINY_CONFIG,  # the base recipe (configs/blip2_tiny.yaml)
                          root=ROOT / "runs" / "qformer_train",  # run directories
-                         s1_steps:int=200,  # stage-1 steps of every ablation row
+                         s1_steps:int=300,  # stage-1 steps of every ablation row
                          s2_steps:int=200,  # stage-2 steps of every stage-2 row
-                         ib_steps:int=400,  # stage-2 steps of each InstructBLIP row (after a shared stage 1 of s1_steps)
+                         ib_steps:int=1000,  # stage-2 steps of each InstructBLIP row (after a shared stage 1 of s1_steps)
+                         ib_qformer_lr:float=1.0,  # its Q-Former's lr_mult: the queries must learn to read the question, not just keep stage 1
                          ib_queries:int=1,  # the query bottleneck of the InstructBLIP comparison
                          ib_kinds:tuple=("colour",),  # its questions: each asks about one object of the scene
                          ib_seeds:tuple=(0, 1),  # stage-2 seeds (batches and held-out questions) of the comparison
@@ -531,12 +573,16 @@ def qformer_measurements(config=TINY_CONFIG,  # the base recipe (configs/blip2_t
     "The stage-1 objective ablation, stage 2 with and without stage 1 (and the prefix-LM variant), instruction-aware vs plain queries."
     torch.set_num_threads(1)
     root, t0 = Path(root), time.time()
-    res = {"stage1": [], "stage2": [], "instruct": [], "curves": {}}
+    res = {"stage1": [], "depth": [], "stage2": [], "instruct": [], "curves": {}}
     s1_runs = {}
     for i, (row, obj) in enumerate(ABLATION.items()):  # same steps and batches; only the summed losses differ
         m, curve, run = _fit_row(config, f"s1_{i}", root, [f"data.objectives.stage1={obj}", f"stages.0.steps={s1_steps}",
-                                 "stages.1.steps=0", "train.eval_every=25", "data.eval=[retrieval]"])
+                                 "stages.1.steps=0", "train.eval_every=50", "data.eval=[retrieval,itm]"])
         res["stage1"].append({"row": row, "objectives": obj, **m}); res["curves"][row] = curve; s1_runs[row] = run
+    for depth, obj in ((2, "itc+itm+itg"), (2, "itm"), (4, "itm")):  # why the recipe has 4 blocks, not 2
+        m, _, _ = _fit_row(config, f"depth{depth}_{obj.replace('+', '_')}", root, [f"model.depth={depth}", f"data.objectives.stage1={obj}",
+                           f"stages.0.steps={s1_steps}", "stages.1.steps=0", "data.eval=[retrieval,itm]"])
+        res["depth"].append({"depth": depth, "objectives": obj, **m})
     after = list(ABLATION) if ablation_stage2 else ["ITC+ITM+ITG"]
     s2_rows = [("no stage 1", None, "decoder"), *((f"after {r}", s1_runs[r], "decoder") for r in after),
                ("after ITC+ITM+ITG · prefix-LM", s1_runs["ITC+ITM+ITG"], "prefix")]
@@ -553,14 +599,34 @@ def qformer_measurements(config=TINY_CONFIG,  # the base recipe (configs/blip2_t
         for instruction in (False, True):
             m, _, _ = _fit_row(config, f"ib_{seed}_{int(instruction)}", root, [*ib, "stages.0.steps=0", f"stages.1.steps={ib_steps}",
                 f"train.seed={seed}", f"model.instruction={str(instruction).lower()}", f"model.init_from={ib_s1}",
+                f'stages.1.lr_mult={{"qformer.*": {ib_qformer_lr}, "proj.*": 3.0}}',
                 "data.sources={vqa: 12000}", f"data.vqa_kinds=[{','.join(ib_kinds)}]", "data.eval=[vqa]", "data.eval_size=512"])
             res["instruct"].append({"row": "instruction-aware queries" if instruction else "plain queries", "seed": seed,
                                     "num_queries": ib_queries, **m})
-    res["settings"] = dict(s1_steps=s1_steps, s2_steps=s2_steps, ib_steps=ib_steps, ib_queries=ib_queries, ib_kinds=list(ib_kinds), ib_seeds=list(ib_seeds),
+    res["settings"] = dict(s1_steps=s1_steps, s2_steps=s2_steps, ib_steps=ib_steps, ib_qformer_lr=ib_qformer_lr, ib_queries=ib_queries, ib_kinds=list(ib_kinds), ib_seeds=list(ib_seeds),
                            config=str(Path(config).resolve().relative_to(ROOT)), seconds=round(time.time() - t0),
                            zoo_vision_fingerprint=encoder_fingerprint(load_zoo_vision())[2])
     res["command"] = 'python -c "from mmbridge_ref.qformer_train import qformer_measurements; qformer_measurements()"'
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
+    return res
+
+# %% ../nbs/31_qformer_train.ipynb #519ae7c9
+RESULTS_LONG = ROOT / "data_samples" / "results" / "qformer_long.json"
+
+def qformer_long_stage1(config=TINY_CONFIG, root=ROOT / "runs" / "qformer_long",
+                        steps:int=1000,  # stage-1 steps (the ablation's rows have 300)
+                        rows:tuple=("ITC+ITM+ITG", "without ITG"),  # rows of `ABLATION` to run
+                        out:str|Path|None=RESULTS_LONG)->dict:
+    "Stage-1 rows on a longer budget: how long ITM takes to leave its plateau against hard negatives."
+    torch.set_num_threads(1)
+    t0, res = time.time(), {"rows": [], "curves": {}}
+    for i, row in enumerate(rows):
+        m, curve, _ = _fit_row(config, f"long_{i}", Path(root), [f"data.objectives.stage1={ABLATION[row]}", f"stages.0.steps={steps}",
+                               "stages.1.steps=0", "train.eval_every=100", "data.eval=[retrieval,itm]"])
+        res["rows"].append({"row": row, "objectives": ABLATION[row], "steps": steps, **m}); res["curves"][row] = curve
+    res["settings"] = dict(steps=steps, config=str(Path(config).resolve().relative_to(ROOT)), seconds=round(time.time() - t0))
+    res["command"] = 'python -c "from mmbridge_ref.qformer_train import qformer_long_stage1; qformer_long_stage1()"'
+    if out is not None: Path(out).write_text(json.dumps(res, indent=1))
     return res

@@ -17,7 +17,8 @@ from mmbridge_ref.qformer import QFormer
 from mmbridge_ref.qformer_train import (
     ANSWER_CANDIDATES, TINY_CONFIG, Blip2, QFormerVocab, caption_scores, candidate_logprobs, cached_features,
     encoder_fingerprint, greedy_generate, left_pad, lm_example, pad_rows, parse_objective, qformer_text,
-    rank_candidates, stage2_segments)
+    itm_metrics, itm_probs, itm_rerank, rank_candidates, stage2_segments)
+import mmbridge_ref.qformer_train as qft
 from mmbridge_ref.train import ConfigError, fit, get_task, load_config, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +224,44 @@ def test_left_padded_generation_equals_one_prompt_at_a_time(zoo):
 
 
 # ---------------------------------------------------------------- evaluation pieces
+# ---------------------------------------------------------------- ITM at test time: accuracy and re-ranking
+def test_itm_rerank_orders_the_shortlist_by_the_score_and_keeps_the_rest_below():
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.7], [0.2, 0.3, 0.6, 0.5]])
+    score = lambda pairs: torch.tensor([[0.1, 0.2, 0.9, 0.4][j] for _, j in pairs.tolist()])
+    out = itm_rerank(sim, score, k=2)
+    # row 0 shortlists columns 0, 1 (ITC) and orders them by score: 1 before 0; columns 3, 2 follow in ITC order
+    assert out[0].argsort(descending=True).tolist() == [1, 0, 3, 2]
+    assert out[1].argsort(descending=True).tolist() == [2, 3, 1, 0]  # shortlist {2, 3}: score 0.9 > 0.4
+    assert (out[:, [2, 3]][0] < 0).all() and out[0, 1] == 0.2
+
+
+def test_itm_metrics_with_an_oracle_head(monkeypatch):
+    "An ITM head that knows the truth: accuracy 1 and, with the positive in ITC's top k, R@1 = 1 after re-ranking."
+    texts = ["a", "b", "c", "a", "d"]  # images 0 and 3 share a caption: neither is the other's negative
+    truth = lambda pairs: torch.tensor([float(texts[i] == texts[j]) for i, j in pairs.tolist()])
+    monkeypatch.setattr(qft, "itm_probs", lambda model, feats, ids, mask, pairs: truth(pairs))
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(5, 5, generator=g) + 0.1  # ITC that is wrong about most rows ...
+    sim[torch.arange(5), (torch.arange(5) + 1) % 5] += 2  # ... ranks a wrong caption first everywhere ...
+    sim[torch.arange(5), torch.arange(5)] += 1  # ... and the right one second
+    assert qft.recall_at_k(sim, texts, ks=(1,))["i2t_r1"] == 0.0  # ITC alone gets every image wrong
+    out = itm_metrics(None, None, None, None, sim, texts, k=3)
+    assert out["itm_acc"] == 1.0 and out["i2t_r1_itm"] == 1.0 and out["t2i_r1_itm"] == 1.0
+    sim[torch.arange(5), torch.arange(5)] -= 10  # positives outside the shortlist: re-ranking cannot find them
+    out = itm_metrics(None, None, None, None, sim, texts, k=2)
+    assert out["i2t_r1_itm"] < 1.0
+
+
+def test_itm_probs_are_probabilities_per_pair_in_any_batching(zoo):
+    model = _model(zoo).eval()
+    b = _stage1_batch(model, n=4)
+    feats = model.features(b)
+    pairs = torch.tensor([[0, 0], [0, 1], [3, 2], [2, 2], [1, 3]])
+    p = itm_probs(model, feats, b["qf_ids"], b["qf_mask"], pairs)
+    assert p.shape == (5,) and ((0 < p) & (p < 1)).all()
+    torch.testing.assert_close(itm_probs(model, feats, b["qf_ids"], b["qf_mask"], pairs, batch_size=2), p)
+
+
 def test_caption_scores():
     scene = sw.Scene([sw.Obj("circle", "red", "small", 0, 0), sw.Obj("square", "blue", "large", 2, 2)])
     assert caption_scores(scene, "a small red circle is above a large blue square .")["true"] == 1.0
@@ -300,7 +339,7 @@ def test_tiny_recipe_trains_through_the_engine_and_reloads(tmp_path):
     res = fit(cfg, progress=False)
     assert res.step == 8 and all(math.isfinite(r["loss"]) for r in res.history)
     assert [r["stage"] for r in res.history] == ["stage1"] * 4 + ["stage2"] * 4
-    for k in ("i2t_r1", "t2i_r1", "caption_true", "vqa_em", "vqa_mc", "train_itc", "train_itm", "train_itg", "train_lm"):
+    for k in ("i2t_r1", "t2i_r1", "itm_acc", "i2t_r1_itm", "t2i_r1_itm", "caption_true", "vqa_em", "vqa_mc", "train_itc", "train_itm", "train_itg", "train_lm"):
         assert k in res.metrics and math.isfinite(res.metrics[k]), k
     # stage 2 from the trained run: model.init_from loads its parameters
     task = load_run(res.run_dir)
