@@ -351,6 +351,7 @@ def itm_probs(model:Blip2, feats:Tensor, ids:Tensor, mask:Tensor,
               pairs:Tensor,  # [p, 2] long: (image index, text index)
               batch_size:int=256)->Tensor:  # [p]: P(match) from the ITM head, averaged over the queries as in training
     "The ITM head's match probability for each (image, caption) pair."
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0: raise ValueError(f"pairs must be a non-empty [p, 2] tensor, got {tuple(pairs.shape)}")
     out = []
     for a in range(0, len(pairs), batch_size):
         i, j = pairs[a:a + batch_size].to(feats.device).unbind(1)
@@ -362,6 +363,8 @@ def itm_rerank(sim:Tensor,  # [rows, cols] ITC similarities
                score:callable,  # [p, 2] (row, col) pairs -> [p] ITM probabilities
                k:int=8)->Tensor:  # [rows, cols]: each row's top-k first, in ITM order; the rest in ITC order below them
     "BLIP-2 retrieval: ITC shortlists k candidates per row, ITM re-orders them."
+    if sim.ndim != 2 or sim.numel() == 0: raise ValueError(f"sim must be a non-empty [rows, cols] matrix, got {tuple(sim.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"k={k!r} must be a positive int")
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices
     rows = torch.arange(sim.shape[0])[:, None].expand_as(top)
     out = sim - sim.abs().max() - 2  # everything outside the shortlist drops below any probability
@@ -370,6 +373,7 @@ def itm_rerank(sim:Tensor,  # [rows, cols] ITC similarities
 
 def itm_metrics(model:Blip2, feats:Tensor, ids:Tensor, mask:Tensor, sim:Tensor, texts:list[str], k:int=8)->dict:
     "Held-out ITM accuracy on [positive; ITC's hardest negative] pairs, and R@1 after ITM re-ranking of ITC's top k."
+    if tuple(sim.shape) != (len(texts), len(texts)): raise ValueError(f"sim {tuple(sim.shape)} must be [n, n] for the n={len(texts)} paired captions")
     same = torch.tensor([[a == b for b in texts] for a in texts])
     n, sim = len(texts), sim.cpu()
     hard = sim.masked_fill(same, -float("inf")).argmax(1)  # per image, the best-scoring caption that is not its own
@@ -620,6 +624,8 @@ def qformer_long_stage1(config=TINY_CONFIG, root=ROOT / "runs" / "qformer_long",
                         rows:tuple=("ITC+ITM+ITG", "without ITG"),  # rows of `ABLATION` to run
                         out:str|Path|None=RESULTS_LONG)->dict:
     "Stage-1 rows on a longer budget: how long ITM takes to leave its plateau against hard negatives."
+    if unknown := [r for r in rows if r not in ABLATION]: raise ValueError(f"rows {unknown} are not rows of ABLATION: {list(ABLATION)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1: raise ValueError(f"steps={steps!r} must be a positive int")
     torch.set_num_threads(1)
     t0, res = time.time(), {"rows": [], "curves": {}}
     for i, row in enumerate(rows):

@@ -252,6 +252,17 @@ def test_itm_metrics_with_an_oracle_head(monkeypatch):
     assert out["i2t_r1_itm"] < 1.0
 
 
+def test_itm_helpers_reject_bad_input_naming_it(zoo):
+    with pytest.raises(ValueError, match=r"k=0"): itm_rerank(torch.rand(3, 3), lambda p: torch.ones(len(p)), k=0)
+    with pytest.raises(ValueError, match=r"\(3,\)"): itm_rerank(torch.rand(3), lambda p: torch.ones(len(p)))
+    with pytest.raises(ValueError, match=r"n=2"): itm_metrics(None, None, None, None, torch.rand(3, 3), ["a", "b"])
+    model = _model(zoo).eval()
+    b = _stage1_batch(model, n=2)
+    with pytest.raises(ValueError, match=r"\(2, 3\)"): itm_probs(model, model.features(b), b["qf_ids"], b["qf_mask"], torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="without ITX"): qft.qformer_long_stage1(rows=("without ITX",), out=None)
+    with pytest.raises(ValueError, match="steps=0"): qft.qformer_long_stage1(steps=0, out=None)
+
+
 def test_itm_probs_are_probabilities_per_pair_in_any_batching(zoo):
     model = _model(zoo).eval()
     b = _stage1_batch(model, n=4)
