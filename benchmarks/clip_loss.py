@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from mmbridge_ref.clip import clip_loss, siglip_loss
+from mmbridge_ref.align.clip import clip_loss, siglip_loss
 
 
 def make_inputs(b, d, device, dtype, seed=0):

@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from mmbridge_ref.qformer import QFormer, load_hf_qformer
+from mmbridge_ref.bridges.qformer import QFormer, load_hf_qformer
 
 # name: (dim, depth, heads, num_queries, vision_dim, image tokens, text tokens, batch)
 SIZES = {

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import bench, machine_line, result_rows  # noqa: E402
 
-from mmbridge_ref.resampler import PerceiverResampler, load_flamingo_pytorch
+from mmbridge_ref.bridges.resampler import PerceiverResampler, load_flamingo_pytorch
 
 
 def fwd_bwd(model, x, mask=None):

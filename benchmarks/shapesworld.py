@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mmbridge_ref.shapesworld import ShapesWorld, render, render_pil, sample_scene
+from mmbridge_ref.data.shapesworld import ShapesWorld, render, render_pil, sample_scene
 
 torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import bench, machine_line, result_rows  # noqa: E402
 from einops import repeat
 
-from mmbridge_ref.flamingo import GatedXAttnDense, load_flamingo_pytorch_xattn, media_attention_mask
+from mmbridge_ref.inject.xattn import GatedXAttnDense, load_flamingo_pytorch_xattn, media_attention_mask
 
 
 def fwd_bwd(fn, *params):

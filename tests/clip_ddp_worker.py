@@ -52,7 +52,7 @@ def open_clip_loss_module():
 
 
 def main(out_path):
-    from mmbridge_ref.clip import clip_loss_distributed
+    from mmbridge_ref.align.clip import clip_loss_distributed
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

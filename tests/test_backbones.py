@@ -6,7 +6,7 @@ import torch
 from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from mmbridge_ref import backbones as bb
+from mmbridge_ref.backbones import towers as bb
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +84,15 @@ def test_lm_loss_with_no_targets_is_zero_not_nan():
 
 def test_lm_episode_rejects_unknown_format():
     import random
+    from mmbridge_ref.recipes.zoo import lm_episode
     with pytest.raises(ValueError, match="fmt='caps'"):
-        bb.lm_episode(random.Random(0), "caps")
+        lm_episode(random.Random(0), "caps")
 
 
 def test_prefix_probe_rejects_a_data_section_and_unknown_keys():
-    from mmbridge_ref.backbones import probe_config
-    from mmbridge_ref.train import ConfigError, build_task, load_config
+    from mmbridge_ref.recipes.zoo import probe_config
+    from mmbridge_ref.train.config import ConfigError, load_config
+    from mmbridge_ref.train.loop import build_task
     with pytest.raises(ValueError, match=r"\['lm'\] are not used"):
         build_task(load_config({**probe_config("lm", steps=1), "data": {"lm": "lm"}}))
     with pytest.raises(ConfigError, match="model.hiden"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmbridge_ref.cli import main
-from mmbridge_ref.train import Task, ToyLM, load_checkpoint, read_csv, register_task, toy_lm
+from mmbridge_ref.train.loop import Task, load_checkpoint, read_csv, register_task
+from mmbridge_ref.recipes.toy import ToyLM, toy_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -94,8 +95,8 @@ def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys)
     fake_backbones = types.SimpleNamespace(build_zoo=lambda quick=False: calls.append(quick) or {"lm": {"steps": 3}},
                                            list_zoo=lambda: {"lm": {"eval_acc": 0.9}})
     fake_clip = types.SimpleNamespace(build_vision_zoo=lambda quick=False: calls.append(("vision", quick)) or {"steps": 5})
-    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones", fake_backbones)
-    monkeypatch.setitem(sys.modules, "mmbridge_ref.clip_train", fake_clip)
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones.towers", fake_backbones)
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.align.clip_train", fake_clip)
     assert main(["zoo", "build", "--quick"]) == 0 and calls == [True, ("vision", True)]
     assert main(["zoo", "build", "--only", "lm"]) == 0 and calls[2:] == [False]
     assert main(["zoo", "build", "--only", "vision"]) == 0 and calls[3:] == [("vision", False)]
@@ -110,16 +111,16 @@ def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys)
         fig.subplots().set_title(f"{task} x{n}")
         calls.append((task, n))
         return fig
-    monkeypatch.setitem(sys.modules, "mmbridge_ref.shapesworld", types.SimpleNamespace(preview=preview))
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.data.shapesworld", types.SimpleNamespace(preview=preview))
     out = tmp_path / "sub" / "p.png"
     assert main(["data", "preview", "--task", "vqa", "-n", "4", "--out", str(out)]) == 0
     assert calls[-1] == ("vqa", 4) and out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_missing_module_is_reported_not_raised(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones.towers", None)  # makes the import fail
     assert main(["zoo", "list"]) == 1
-    assert "`mmbridge zoo list` needs mmbridge_ref.backbones" in capsys.readouterr().err
+    assert "`mmbridge zoo list` needs mmbridge_ref.backbones.towers" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

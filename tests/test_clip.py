@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from mmbridge_ref.clip import (LogitBias, LogitScale, clip_logits, clip_loss, clip_loss_distributed, clip_loss_floor,
+from mmbridge_ref.align.clip import (LogitBias, LogitScale, clip_logits, clip_loss, clip_loss_distributed, clip_loss_floor,
                                clip_loss_local, clip_loss_multi_positive, siglip_loss)
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-11, atol=1e-13)}

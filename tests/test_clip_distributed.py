@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_ddp_worker import make_problem  # noqa: E402
 
-from mmbridge_ref.clip import clip_loss  # noqa: E402
+from mmbridge_ref.align.clip import clip_loss  # noqa: E402
 
 WORKER = Path(__file__).with_name("clip_ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]

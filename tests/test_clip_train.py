@@ -5,14 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbridge_ref import shapesworld as sw
-from mmbridge_ref.clip import clip_loss, clip_loss_floor, siglip_loss
-from mmbridge_ref.clip_train import (TINY_CONFIG, CLIPModel, ClipDataConfig, ClipModelConfig, TextTower, attribute_prompts,
+from mmbridge_ref.data import shapesworld as sw
+from mmbridge_ref.align.clip import clip_loss, clip_loss_floor, siglip_loss
+from mmbridge_ref.align.clip_train import (TINY_CONFIG, CLIPModel, ClipDataConfig, ClipModelConfig, TextTower, attribute_prompts,
                                      build_clip, build_vision_zoo, caption_groups, clip_batch, clip_tokenizer, contrastive_loss,
                                      load_zoo_vision, recall_at_k, tokenize, zero_shot)
-from mmbridge_ref.backbones import ZOO_DIR
-from mmbridge_ref.train import fit, get_task, load_config, load_run
-from mmbridge_ref.clip_train import ROOT
+from mmbridge_ref.backbones.towers import ZOO_DIR
+from mmbridge_ref.train.loop import fit, get_task, load_run
+from mmbridge_ref.train.config import load_config
+from mmbridge_ref.align.clip_train import ROOT
 ROOT_CONFIGS = ROOT / "configs"
 
 FAST = ["stages.0.steps=3", "train.batch_size=8", "train.eval_every=0", "data.eval_size=8", "optim.warmup_steps=1",
@@ -83,7 +84,7 @@ def test_zero_shot_and_recall(tok):
 def test_clip_task_trains_and_clamps(tmp_path):
     cfg = load_config(TINY_CONFIG, FAST + [f"train.run_dir={tmp_path}/{{name}}", "stages.0.steps=12", "train.batch_size=16",
                                            "optim.lr=3e-3", "train.eval_every=12"])
-    assert get_task("clip").__module__ == "mmbridge_ref.clip_train"
+    assert get_task("clip").__module__ == "mmbridge_ref.align.clip_train"
     res = fit(cfg, progress=False)
     losses = [r["loss"] for r in res.history]
     assert sum(losses[-3:]) / 3 < losses[0], losses
@@ -118,7 +119,7 @@ def test_vision_zoo_roundtrip(tmp_path):
     trained = load_run(tmp_path / "runs" / "zoo_clip").model.vision.eval()
     torch.testing.assert_close(enc.embed(x), trained.embed(x))
     with pytest.raises(FileNotFoundError, match="mmbridge zoo build"): load_zoo_vision(tmp_path / "empty")
-    from mmbridge_ref.clip_train import load_zoo_clip
+    from mmbridge_ref.align.clip_train import load_zoo_clip
     whole, full = load_zoo_clip(tmp_path), load_run(tmp_path / "runs" / "zoo_clip").model.eval()
     t = tokenize(clip_tokenizer("captions"), ["a small red circle at the top left ."], 64)
     torch.testing.assert_close(whole.encode_text(**t), full.encode_text(**t))
@@ -137,7 +138,7 @@ def test_committed_zoo_encoder():
 
 def test_shape_groups_differ_only_in_shape_and_avoid_held_out_pairs():
     import random
-    from mmbridge_ref.clip_train import shape_groups
+    from mmbridge_ref.align.clip_train import shape_groups
     scenes = shape_groups(random.Random(0), groups=50, group_size=4)
     assert len(scenes) == 200
     for k in range(0, 200, 4):
@@ -159,14 +160,14 @@ def test_hard_negative_batches_through_the_task(tmp_path):
     with pytest.raises(ValueError, match="hard_negatives=1.5"): get_task("clip")(bad)
 
 def _write_test_shards(root, n=16, per_shard=8):
-    from mmbridge_ref.clip_train import write_shards
+    from mmbridge_ref.align.clip_train import write_shards
     b = sw.ShapesWorld("caption", seed=7).batch(range(n))
     pairs = [(b["images"][i, 0], b["text"][i]) for i in range(n)]
     return write_shards(root, pairs, per_shard), pairs
 
 def test_shards_fewer_than_workers(tmp_path):
     "Two shards, four workers asked for: the loader caps its workers and yields every sample, epoch after epoch."
-    from mmbridge_ref.clip_train import shard_batches
+    from mmbridge_ref.align.clip_train import shard_batches
     pattern, pairs = _write_test_shards(tmp_path)
     stream = shard_batches(pattern, batch_size=4, image_size=32, workers=4)
     got = [next(stream) for _ in range(8)]  # two epochs of 2 shards x 2 batches
@@ -196,6 +197,6 @@ def test_clip_small_path_offline(tmp_path):
         get_task("clip")(load_config(small, [f"data.shards={pattern}", "model.open_clip=mmbridge-tiny-test"]))
 
 def test_load_zoo_clip_without_a_text_tower_names_the_fix(tmp_path):
-    from mmbridge_ref.clip_train import load_zoo_clip
+    from mmbridge_ref.align.clip_train import load_zoo_clip
     (tmp_path / "vision").mkdir()
     with pytest.raises(FileNotFoundError, match="mmbridge zoo build"): load_zoo_clip(tmp_path)

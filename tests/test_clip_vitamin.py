@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vitamin import GeGluMlp, MbConvLNBlock, VitCfg, VitConvCfg, _create_vitamin
 
-from mmbridge_ref.vitamin import MBConvLN, TFBGeGLU, TinyViTamin, from_timm_vitamin, stage_shapes, vitamin_grid
+from mmbridge_ref.backbones.vitamin import MBConvLN, TFBGeGLU, TinyViTamin, from_timm_vitamin, stage_shapes, vitamin_grid
 
 
 @pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 1), (16, 8, 1), (8, 8, 2), (8, 24, 2)])

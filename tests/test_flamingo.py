@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from mmbridge_ref.flamingo import (Flamingo, GatedXAttnDense, XAttnDecoderLayer, add_gated_xattn, freeze_all_but,
+from mmbridge_ref.inject.xattn import (Flamingo, GatedXAttnDense, XAttnDecoderLayer, add_gated_xattn, freeze_all_but,
                                    load_flamingo_pytorch_xattn, media, media_attention_mask, parameter_table)
-from mmbridge_ref.resampler import PerceiverResampler
+from mmbridge_ref.bridges.resampler import PerceiverResampler
 
 
 def loop_phi(locations, num_media, only_immediate=True):

@@ -6,17 +6,18 @@ import pytest
 import torch
 import yaml
 
-from mmbridge_ref import shapesworld as sw
-from mmbridge_ref.backbones import count_targets, lm_loss_sum, load_zoo_lm
-from mmbridge_ref.clip_train import load_zoo_vision
-from mmbridge_ref.flamingo_train import (EVAL_SETS, SMALL_CONFIG, SOURCES, TINY_CONFIG, FlamingoLM, FlamingoModelConfig,
+from mmbridge_ref.data import shapesworld as sw
+from mmbridge_ref.backbones.towers import count_targets, lm_loss_sum, load_zoo_lm
+from mmbridge_ref.align.clip_train import load_zoo_vision
+from mmbridge_ref.recipes.flamingo import (EVAL_SETS, SMALL_CONFIG, SOURCES, TINY_CONFIG, FlamingoLM, FlamingoModelConfig,
                                          FlamingoStream, MeanPool, TokenMLP, _candidates, ablation_phi, collate_flamingo,
                                          encode_sample, eval_set, flamingo_task, flamingo_text, gate_values, row_logprobs,
                                          sample_media)
-from mmbridge_ref.flamingo import media_attention_mask
-from mmbridge_ref.mixing import FLAMINGO_WEIGHTS
-from mmbridge_ref.resampler import PerceiverResampler
-from mmbridge_ref.train import ConfigError, TASKS, build_task, fit, load_checkpoint, load_config, parse_dataclass, register_task
+from mmbridge_ref.inject.xattn import media_attention_mask
+from mmbridge_ref.data.mixing import FLAMINGO_WEIGHTS
+from mmbridge_ref.bridges.resampler import PerceiverResampler
+from mmbridge_ref.train.config import ConfigError, load_config, parse_dataclass
+from mmbridge_ref.train.loop import TASKS, build_task, fit, load_checkpoint, register_task
 
 torch.set_num_threads(1)
 
@@ -205,7 +206,7 @@ def test_eval_candidates_and_scores(tok):
         per_row = torch.stack([lm_loss_sum(model.logits({k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in batch.items()}),
                                            batch["labels"][i:i + 1]) for i in range(4)])
     torch.testing.assert_close(lp, -per_row, rtol=1e-4, atol=1e-4)
-    from mmbridge_ref.flamingo_train import flamingo_evaluate
+    from mmbridge_ref.recipes.flamingo import flamingo_evaluate
     ev = flamingo_evaluate(model, {"clip": s})
     assert ev["clip_axis_acc"] >= ev["clip_acc"] and ev["gate_xattn_0"] == 0.0
     with pytest.raises(ValueError, match="'captions' is not one of"):
@@ -312,8 +313,8 @@ def test_small_config_names_resolve_to_the_right_classes():
 def test_small_config_path_trains_offline(tmp_path):
     "configs/flamingo_small.yaml as it is, with tiny stand-ins: an open_clip architecture by name, a save_pretrained HF LM."
     open_clip = pytest.importorskip("open_clip")
-    from mmbridge_ref.backbones import OpenClipVision
-    from mmbridge_ref.flamingo_train import NormalizedVision
+    from mmbridge_ref.backbones.towers import OpenClipVision
+    from mmbridge_ref.recipes.flamingo import NormalizedVision
     arch = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=48, patch_size=8, head_width=16),
                 text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1))
     (tmp_path / "cfg").mkdir()

@@ -4,7 +4,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mmbridge_ref.mixing import FLAMINGO_WEIGHTS, MixtureSampler, mixture_weights, normalise_weights
+from mmbridge_ref.data.mixing import FLAMINGO_WEIGHTS, MixtureSampler, mixture_weights, normalise_weights
 
 
 def _within(freq: dict, weights: dict, draws: int, sigmas: float = 5.0):

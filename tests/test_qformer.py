@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmbridge_ref.qformer import (
+from mmbridge_ref.bridges.qformer import (
     OBJECTIVES, QFormer, QFormerOutput, QFormerPretrainer, itc_loss, itc_similarity, itg_inputs, itg_loss, itm_labels,
     itm_loss, itm_negative_weights, load_hf_qformer, qformer_attention_mask, sample_itm_negatives,
 )
@@ -425,7 +425,7 @@ def test_pretrainer_itm_batch_layout(batch, monkeypatch):
         return forward(img, text, text_mask, objective=objective, image_mask=image_mask)
 
     monkeypatch.setattr(pre.qformer, "forward", spy)
-    import mmbridge_ref.qformer as mod
+    import mmbridge_ref.bridges.qformer as mod
     drawn = []
     sampler = mod.sample_itm_negatives
     monkeypatch.setattr(mod, "sample_itm_negatives", lambda *a, **k: drawn.append(sampler(*a, **k)) or drawn[-1])

@@ -9,17 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbridge_ref import shapesworld as sw
-from mmbridge_ref.backbones import count_targets, load_zoo_lm, lm_loss_sum, tiny_lm
-from mmbridge_ref.clip_train import load_zoo_vision
-from mmbridge_ref.mixing import mixture_weights
-from mmbridge_ref.qformer import QFormer
-from mmbridge_ref.qformer_train import (
+from mmbridge_ref.data import shapesworld as sw
+from mmbridge_ref.backbones.towers import count_targets, load_zoo_lm, lm_loss_sum, tiny_lm
+from mmbridge_ref.align.clip_train import load_zoo_vision
+from mmbridge_ref.data.mixing import mixture_weights
+from mmbridge_ref.bridges.qformer import QFormer
+from mmbridge_ref.recipes.blip2 import (
     ANSWER_CANDIDATES, TINY_CONFIG, Blip2, QFormerVocab, caption_scores, candidate_logprobs, cached_features,
     encoder_fingerprint, greedy_generate, left_pad, lm_example, pad_rows, parse_objective, qformer_text,
     itm_metrics, itm_probs, itm_rerank, rank_candidates, stage2_segments)
-import mmbridge_ref.qformer_train as qft
-from mmbridge_ref.train import ConfigError, fit, get_task, load_config, load_run
+import mmbridge_ref.recipes.blip2 as qft
+from mmbridge_ref.train.config import ConfigError, load_config
+from mmbridge_ref.train.loop import fit, get_task, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "blip2_small.yaml"

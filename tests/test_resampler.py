@@ -3,7 +3,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from mmbridge_ref.resampler import PerceiverResampler, load_flamingo_pytorch
+from mmbridge_ref.bridges.resampler import PerceiverResampler, load_flamingo_pytorch
 
 DIM = 32
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mmbridge_ref.shapesworld import (COLOURS, HELD_OUT, IMAGE_TOKEN, NUMBERS, POSITIONS, SHAPES, SIZES, TASKS, VQA_KINDS,
+from mmbridge_ref.data.shapesworld import (COLOURS, HELD_OUT, IMAGE_TOKEN, NUMBERS, POSITIONS, SHAPES, SIZES, TASKS, VQA_KINDS,
                                       Obj, Scene, ShapesWorld, caption, caption_is_true, check_sample, dialogue,
                                       load_llava_json, preview, render, sample_scene, scene_note, vqa)
 

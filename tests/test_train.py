@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbridge_ref.train import (CKPT_NAME, ConfigError, NonFiniteLossError, OptimConfig, StageConfig, Task,
-                                ToyLM, build_task, default_count, fit, get_task, load_checkpoint, load_config, load_run,
-                                load_trainable, param_groups, read_csv, register_task, save_checkpoint, set_trainable, slice_batch,
-                                split_bounds, stage_table, toy_lm, warmup_cosine)
+from mmbridge_ref.train.loop import CKPT_NAME, NonFiniteLossError, Task, build_task, default_count, fit, get_task, load_checkpoint, load_run, load_trainable, param_groups, read_csv, register_task, save_checkpoint, set_trainable, slice_batch, split_bounds, stage_table, warmup_cosine
+from mmbridge_ref.train.config import ConfigError, OptimConfig, StageConfig, load_config
+from mmbridge_ref.recipes.toy import ToyLM, toy_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "toy.yaml"
@@ -83,7 +82,7 @@ def test_bad_config_key_names_the_key_and_what_is_allowed():
 
 
 def test_threads_apply_during_the_run_and_are_restored(tmp_path, monkeypatch):
-    import mmbridge_ref.train as tr
+    import mmbridge_ref.train.loop as tr
     seen, before = [], torch.get_num_threads()
     real = tr._Run.run
     monkeypatch.setattr(tr._Run, "run", lambda self: seen.append(torch.get_num_threads()) or real(self))
@@ -189,7 +188,7 @@ def test_resume_equals_uninterrupted(tmp_path, full, stop_at, caplog):
     part = fit(toy(tmp_path, "part", *sets, f"train.stop_at={stop_at}"), progress=False)
     assert (part.step, part.stopped, len(part.history)) == (stop_at, True, stop_at)
     assert load_checkpoint(part.run_dir)["step"] == stop_at
-    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train.loop"):
         rest = fit(toy(tmp_path, "part", *sets), resume=part.run_dir, progress=False)
     assert not caplog.records, [r.getMessage() for r in caplog.records]  # same config: nothing to warn about
     assert rows(rest.history) == rows(full.history)  # exactly, not approximately
@@ -201,7 +200,7 @@ def test_resume_equals_uninterrupted(tmp_path, full, stop_at, caplog):
 
 def test_resume_with_a_changed_config_warns_naming_the_key(tmp_path, caplog):
     part = fit(toy(tmp_path, "r", "train.stop_at=1"), progress=False)
-    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train.loop"):
         fit(toy(tmp_path, "elsewhere", "train.stop_at=2", "optim.lr=0.5"), resume=part.run_dir, progress=False)
     assert any("differs from its config.yaml: optim.lr: 0.01 -> 0.5" in r.getMessage() for r in caplog.records)
     assert load_config(part.run_dir / "config.yaml").train.run_dir == str(part.run_dir)  # where the run really is
@@ -239,7 +238,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path, full, task, sav
 
 
 def test_no_supervision_batch_is_skipped_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train"):
+    with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train.loop"):
         res = fit(toy(tmp_path, "r", "data.unsupervised_batches=[1, 5]"), progress=False)
     warned = [r.getMessage() for r in caplog.records if "no supervised targets" in r.getMessage()]
     assert len(warned) == 2 and "step 2 (stage 'head')" in warned[0] and "step 6 (stage 'all')" in warned[1]

@@ -1,0 +1,1 @@
+"""Bridges: features of a frozen encoder in, visual tokens for the LM out."""

@@ -1,0 +1,1 @@
+"""ShapesWorld, data mixing and the sample formats every recipe reads."""

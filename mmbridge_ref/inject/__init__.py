@@ -1,0 +1,1 @@
+"""Injections: how visual tokens enter a frozen LM."""

@@ -1,0 +1,1 @@
+"""One recipe per family: its data, its evaluation, its measurement tables (no model code)."""

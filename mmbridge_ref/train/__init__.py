@@ -1,0 +1,1 @@
+"""The training engine: typed configs, the loop, checkpoints, the task registry."""
