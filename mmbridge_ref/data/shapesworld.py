@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'SIZES', 'POSITIONS', 'SPLITS', 'NUMBERS', 'IMAGE_TOKEN', 'RGB', 'RADIUS', 'JITTER', 'HELD_OUT',
-           'VQA_KINDS', 'DIRECTIONS', 'TASKS', 'SEP', 'Obj', 'Scene', 'sample_scene', 'render', 'render_pil',
+           'VQA_KINDS', 'DIRECTIONS', 'TASKS', 'SEP', 'ANSWERS', 'Obj', 'Scene', 'sample_scene', 'render', 'render_pil',
            'scene_note', 'caption', 'vqa', 'dialogue', 'check_sample', 'ShapesWorld', 'load_image', 'load_llava_json',
-           'preview', 'parse_caption', 'caption_is_true', 'save_samples']
+           'preview', 'parse_caption', 'caption_is_true', 'caption_scores', 'save_samples']
 
 # %% ../../nbs/01_shapesworld.ipynb #cf9edbda
 import json, math, operator, random, re, textwrap
@@ -537,6 +537,21 @@ def caption_is_true(scene: Scene, text: str) -> bool:
              "above": lambda a, b: a.row < b.row, "below": lambda a, b: a.row > b.row}
     if not all(holds[r](by_desc[a], by_desc[b]) for a, r, b in facts["relations"]): return False
     return facts["count"] is None or facts["count"] == len(scene.objects)
+
+# %% ../../nbs/01_shapesworld.ipynb #a72cd14a
+ANSWERS = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "count": NUMBERS[1:5], "yesno": ("yes", "no")}
+
+def caption_scores(scene:Scene, text:str)->dict:
+    "Caption accuracy: whole caption true, precision / recall of the objects it names, and per attribute."
+    facts = parse_caption(text)["objects"]  # (size, colour, shape) -> position | None
+    named, truth = set(facts), {(o.size, o.colour, o.shape) for o in scene.objects}
+    out = {"true": float(caption_is_true(scene, text)), "obj_precision": len(named & truth) / max(len(named), 1),
+           "obj_recall": len(named & truth) / len(truth)}
+    for j, attr in enumerate(("size", "colour", "shape")):
+        out[attr] = sum(d[j] in {getattr(o, attr) for o in scene.objects} for d in named) / max(len(named), 1)
+    placed = [p for p in facts.values() if p is not None]
+    out["position"] = sum(p in {o.position for o in scene.objects} for p in placed) / max(len(placed), 1)
+    return out
 
 # %% ../../nbs/01_shapesworld.ipynb #c37a8a5f
 def _scene_dict(sc): return [asdict(o) for o in sc.objects]

@@ -7,7 +7,7 @@ __all__ = ['TASKS', 'TASK_PACKAGES', 'CKPT_NAME', 'Task', 'register_task', 'get_
            'default_count', 'match_params', 'set_trainable', 'param_groups', 'stage_table', 'format_table',
            'warmup_cosine', 'rng_state', 'set_rng_state', 'trainable_state', 'save_checkpoint', 'load_checkpoint',
            'load_trainable', 'write_csv', 'read_csv', 'plot_history', 'NonFiniteLossError', 'RunResult', 'fit',
-           'build_task', 'load_run']
+           'build_task', 'load_run', 'fit_rows']
 
 # %% ../../nbs/80_train.ipynb #4c4425c3
 import csv
@@ -125,13 +125,15 @@ def default_count(batch:dict)->int:
 def _names_hint(names:list[str])->str:
     return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
 
+def _match(name:str, pat:str)->bool: return fnmatch.fnmatchcase(name, pat.removeprefix("?"))
+
 def match_params(model:nn.Module, patterns:list[str], key:str="trainable")->list[str]:
-    "Names of the parameters matching any pattern, in model order; a pattern that matches none is a ConfigError."
+    "Names of the parameters matching any pattern, in model order; a pattern that matches none is a ConfigError unless it starts with '?'."
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+        if not pat.startswith("?") and not any(_match(n, pat) for n in names):
             raise ConfigError(key, f"pattern {pat!r} matches no parameter; the parameters are {_names_hint(names)}")
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in names if any(_match(n, p) for p in patterns)]
 
 def set_trainable(model:nn.Module, patterns:list[str], key:str="trainable")->list[str]:
     "Unfreeze the parameters matching `patterns`, freeze all others; returns the trainable names."
@@ -140,11 +142,11 @@ def set_trainable(model:nn.Module, patterns:list[str], key:str="trainable")->lis
     return [n for n, _ in model.named_parameters() if n in names]
 
 def _lr_mult(name:str, lr_mult:dict)->float:
-    return next((m for pat, m in lr_mult.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+    return next((m for pat, m in lr_mult.items() if _match(name, pat)), 1.0)
 
 def _check_lr_mult(lr_mult:dict, trainable:list[str], key:str):
     for pat in lr_mult:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in trainable):
+        if not pat.startswith("?") and not any(_match(n, pat) for n in trainable):
             raise ConfigError(key, f"pattern {pat!r} matches no trainable parameter; trainable: {_names_hint(trainable)}")
 
 def param_groups(model:nn.Module, stage:StageConfig, optim:OptimConfig, key:str="lr_mult")->list[dict]:
@@ -653,3 +655,24 @@ def load_run(run_dir:str|Path)->Task:
     load_trainable(task.model, run_dir / CKPT_NAME)
     task.model.eval()
     return task
+
+# %% ../../nbs/80_train.ipynb #f29d0a20
+def fit_rows(config:str|Path|dict,  # the base recipe
+             rows:dict[str, list[str]],  # row name -> its overrides of the recipe
+             *,
+             root:str|Path,  # the rows' run directories go under it
+             common:typing.Sequence[str]=(),  # overrides for every row
+             progress:bool=False,
+            )->dict:  # {"rows": [...], "curves": {row: [...]}}
+    "One run per row on the same budget: its final held-out metrics, steps, seconds, trainable parameters and curve."
+    out = {"rows": [], "curves": {}}
+    for i, (name, sets) in enumerate(rows.items()):
+        cfg = load_config(config, [*common, *sets, f"name=row{i}", f"train.run_dir={Path(root)}/{{name}}"])
+        t0 = time.time()
+        res = fit(cfg, progress=progress)
+        rnd = lambda v: round(v, 4) if isinstance(v, float) else v
+        out["rows"].append({"row": name, "overrides": [*common, *sets], "steps": res.step, "seconds": round(time.time() - t0),
+                            "trainable": max(s["trainable"] for s in res.params), **{k: rnd(v) for k, v in res.metrics.items()}})
+        out["curves"][name] = [{k: rnd(v) for k, v in r.items() if (k in ("step", "loss") or k.startswith("eval_")) and v is not None}
+                               for r in res.history]
+    return out
