@@ -4,9 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from mmbridge_ref.inject.xattn import (Flamingo, GatedXAttnDense, XAttnDecoderLayer, add_gated_xattn, freeze_all_but,
-                                   load_flamingo_pytorch_xattn, media, media_attention_mask, parameter_table)
-from mmbridge_ref.bridges.resampler import PerceiverResampler
+from mmbridge_ref.inject.xattn import (GatedXAttnDense, XAttnDecoderLayer, add_gated_xattn, cross_attention_mask,
+                                      load_flamingo_pytorch_xattn, media, media_attention_mask)
 
 
 def loop_phi(locations, num_media, only_immediate=True):
@@ -282,80 +281,25 @@ def test_bad_use_names_the_problem():
     with pytest.raises(ValueError, match="no `layers` ModuleList"): add_gated_xattn(torch.nn.Linear(2, 2), dim_visual=2)
 
 
-def _flamingo(seed=0):
-    lm = tiny_lm(seed=seed)
-    torch.manual_seed(seed)
-    return Flamingo(lm, PerceiverResampler(24, depth=1, num_latents=4, heads=2, dim_head=8, max_frames=4),
-                    image_token_id=IMAGE, every=2, heads=2, dim_head=8)
+@pytest.mark.parametrize("mode", ["immediate", "previous", "none"])
+def test_cross_attention_modes(mode):
+    ids, real, vis = batch()
+    m = cross_attention_mask(ids == IMAGE, 2, mode, media_mask=real)
+    if mode != "none": assert torch.equal(m, media_attention_mask(ids == IMAGE, 2, mode == "immediate", media_mask=real))
+    else: assert torch.equal(m, real[:, None, :].expand(2, 10, 2))  # every real image, at every position
+    with pytest.raises(ValueError, match="mode='φ' is not one of"): cross_attention_mask(ids == IMAGE, 2, "φ", media_mask=real)
 
 
-def test_only_resampler_and_gated_blocks_train():
-    model = _flamingo()
-    ids, real, _ = batch()
-    feats = torch.randn(2, 2, 9, 24)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("resampler.") or ".xattn." in n for n in trainable)
-    assert any(n.startswith("resampler.") for n in trainable) and any(".xattn." in n for n in trainable)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    xattn_before = model.gated_blocks()[0].attn.to_q.weight.detach().clone()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):
-        model(ids, feats, media_mask=real, labels=ids).loss.backward()
-        if step == 0:  # behind the closed gates, only the gates themselves get a gradient
-            blk = model.gated_blocks()[0]
-            assert blk.attn_gate.grad.abs().item() > 0 and blk.attn.to_q.weight.grad.abs().sum() == 0
-        opt.step(); opt.zero_grad()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert not torch.equal(model.gated_blocks()[0].attn.to_q.weight, xattn_before)  # moved at the second step
-    table = parameter_table(model, {"resampler": model.resampler, "gated xattn": model.gated_blocks()})
-    n_lm = sum(p.numel() for n, p in model.lm.named_parameters() if ".xattn." not in n)
-    assert f"{n_lm:,}" in table.splitlines()[3]  # "everything else" = the frozen LM
-
-
-def test_freeze_all_but():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    freeze_all_but(net, net[1])
-    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
-
-
-def test_flamingo_with_clips_and_bad_input():
-    model = _flamingo()
-    ids, real, _ = batch()
-    assert model(ids, torch.randn(2, 2, 3, 9, 24), media_mask=real).logits.shape == (2, 10, 40)
-    with pytest.raises(ValueError, match="f=5 frames but max_frames=4"):
-        model(ids, torch.randn(2, 2, 5, 9, 24), media_mask=real)
-    with pytest.raises(ValueError, match="row 0 has 2 <image> tokens but 3 images"): model(ids, torch.randn(2, 3, 9, 24))
-    with pytest.raises(ValueError, match="row 0 has 2 <image> tokens but 0 images"): model(ids)
-
-
-def test_visual_padding_mask_reaches_the_resampler():
-    model = _flamingo()
-    ids, real, _ = batch()
-    feats = torch.randn(2, 2, 9, 24)
-    with torch.no_grad():
-        for b in model.gated_blocks(): b.attn_gate.fill_(1.0)
-        padded = torch.cat([feats, 1e4 * torch.randn(2, 2, 3, 24)], 2)
-        vmask = torch.arange(12).expand(2, 2, 12) < 9
-        torch.testing.assert_close(model(ids, padded, visual_mask=vmask, media_mask=real).logits,
-                                   model(ids, feats, media_mask=real).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_gradient_checkpointing_gives_the_same_gradients():
-    ids, real, _ = batch()
-    feats = torch.randn(2, 2, 9, 24)
-    grads = []
-    for ckpt in (False, True):
-        model = _flamingo()
+def test_the_context_mask_reaches_the_blocks():
+    ids, real, vis = batch()
+    outs = {}
+    for mode in ("immediate", "none"):
+        lm = tiny_lm()
+        blocks = add_gated_xattn(lm, dim_visual=24, heads=2, dim_head=8, mask=mode)
         with torch.no_grad():
-            for b in model.gated_blocks(): b.attn_gate.fill_(0.5); b.ff_gate.fill_(0.5)
-        model.train()
-        if ckpt:
-            enable = getattr(model.lm, "activation_checkpointing_enable", None) or model.lm.gradient_checkpointing_enable
-            enable()
-        calls = []
-        model.lm.model.layers[0].layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
-        model(ids, feats, media_mask=real, labels=ids).loss.backward()
-        assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes the wrapped layer in the backward pass
-        grads.append(model.resampler.latents.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
-    assert grads[0].abs().sum() > 0
+            for b in blocks: b.attn_gate.fill_(1.0)
+            with media(lm, vis, ids == IMAGE, media_mask=real): outs[mode] = lm(input_ids=ids).logits
+    # before row 0's first image (position 2) φ attends nothing; "none" lets those positions see both images
+    assert torch.equal(outs["immediate"][0, :2], tiny_lm()(input_ids=ids).logits[0, :2].detach())
+    assert (outs["none"][0, :2] - outs["immediate"][0, :2]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="mask='latest' is not one of"): add_gated_xattn(tiny_lm(), dim_visual=24, mask="latest")

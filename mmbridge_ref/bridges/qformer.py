@@ -352,10 +352,11 @@ class QFormerBridge(nn.Module):
                  dim_out:int,  # the LM's embedding width
                  *,
                  instruction:bool=False,  # InstructBLIP: the instruction's tokens join the queries' self-attention
+                 cls_id:int|None=None,  # put this [CLS] id in front of every instruction (None: none)
                 ):
         super().__init__()
         self.qformer, self.proj = qformer, nn.Linear(qformer.dim, dim_out)  # BLIP-2's fully-connected layer
-        self.dim, self.dim_out, self.reads_text = qformer.vision_dim, dim_out, instruction
+        self.dim, self.dim_out, self.reads_text, self.cls_id = qformer.vision_dim, dim_out, instruction, cls_id
 
     def forward(self,
                 x:Tensor,  # image features [b, n, d] or frames [b, f, n, d] (read as one sequence)
@@ -365,9 +366,17 @@ class QFormerBridge(nn.Module):
         if x.ndim == 4: x, mask = x.flatten(1, 2), (None if mask is None else mask.flatten(1, 2))
         if self.reads_text:
             if text is None: raise ValueError("instruction=True needs the instruction's ids and mask (text=(ids, mask))")
-            out = self.qformer(x, text[0], text[1], objective="itm", image_mask=mask)
+            ids, tmask = self._instruction(*text)
+            out = self.qformer(x, ids, tmask, objective="itm", image_mask=mask)
         else: out = self.qformer(x, image_mask=mask)
         return self.proj(out.queries)
+
+    def _instruction(self, ids:Tensor, mask:Tensor)->tuple[Tensor, Tensor]:
+        "[CLS] (when set) + the instruction, cut to the Q-Former's learned positions as InstructBLIP cuts to `max_txt_len`."
+        if self.cls_id is not None:
+            ids = torch.cat([ids.new_full((len(ids), 1), self.cls_id), ids], 1)
+            mask = torch.cat([mask.new_ones(len(ids), 1), mask], 1)
+        return ids[:, :self.qformer.max_text_len], mask[:, :self.qformer.max_text_len]
 
 @torch.no_grad()
 def init_text_embeddings(qformer:QFormer, weight:Tensor)->QFormer:

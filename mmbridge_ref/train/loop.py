@@ -671,7 +671,7 @@ def fit_rows(config:str|Path|dict,  # the base recipe
         t0 = time.time()
         res = fit(cfg, progress=progress)
         rnd = lambda v: round(v, 4) if isinstance(v, float) else v
-        out["rows"].append({"row": name, "overrides": [*common, *sets], "steps": res.step, "seconds": round(time.time() - t0),
+        out["rows"].append({"row": name, "overrides": [*common, *sets], "run_dir": str(res.run_dir), "steps": res.step, "seconds": round(time.time() - t0),
                             "trainable": max(s["trainable"] for s in res.params), **{k: rnd(v) for k, v in res.metrics.items()}})
         out["curves"][name] = [{k: rnd(v) for k, v in r.items() if (k in ("step", "loss") or k.startswith("eval_")) and v is not None}
                                for r in res.history]
