@@ -815,6 +815,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'mmbridge_ref.train.loop': { 'mmbridge_ref.train.loop.NonFiniteLossError': ( 'train.html#nonfinitelosserror',
                                                                                          'mmbridge_ref/train/loop.py'),
                                          'mmbridge_ref.train.loop.RunResult': ('train.html#runresult', 'mmbridge_ref/train/loop.py'),
+                                         'mmbridge_ref.train.loop.RunState': ('train.html#runstate', 'mmbridge_ref/train/loop.py'),
                                          'mmbridge_ref.train.loop.Task': ('train.html#task', 'mmbridge_ref/train/loop.py'),
                                          'mmbridge_ref.train.loop._Dist': ('train.html#_dist', 'mmbridge_ref/train/loop.py'),
                                          'mmbridge_ref.train.loop._Dist.gather': ('train.html#_dist.gather', 'mmbridge_ref/train/loop.py'),

@@ -239,7 +239,8 @@ def test_build_vlm_names_a_bad_key_or_value():
     with pytest.raises(ConfigError, match="model.injection: 'cross' is not one of"): build_vlm({"injection": "cross"})
     with pytest.raises(ConfigError, match="did you mean 'qformer'"): build_vlm({"qfromer": {}})
     with pytest.raises(ConfigError, match="model.xattn.mask"): build_vlm({"xattn": {"mask": "latest"}})
-    with pytest.raises(ValueError, match="vision spec 'clipper'"): build_vlm({"vision": "clipper"})
+    with pytest.raises(ConfigError, match="model.vision: vision spec 'clipper'"): build_vlm({"vision": "clipper"})
+    with pytest.raises(ConfigError, match="model.lm: LM spec 'lm'"): build_vlm({"lm": "lm"})
 
 
 def test_the_bridge_width_follows_the_injection():
