@@ -34,7 +34,7 @@ def test_language_model_from_pretrained_offline(tok, tmp_path, family):
     ids = tok("a red circle", return_tensors="pt").input_ids
     torch.testing.assert_close(lm(input_ids=ids), ref(input_ids=ids))
     torch.testing.assert_close(lm(inputs_embeds=lm.embed(ids)), ref(input_ids=ids))
-    assert len(lm.generate(lm.embed(ids), max_new_tokens=3)) == 1
+    assert "<image>" not in lm.tokenizer.get_vocab() or lm.image_token_id == lm.tokenizer.convert_tokens_to_ids("<image>")
 
 
 def test_foreign_tokenizer_goes_through_autotokenizer(tok, tmp_path):
