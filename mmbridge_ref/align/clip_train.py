@@ -190,7 +190,7 @@ def build_vision(m:ClipModelConfig, image_size:int)->tuple[nn.Module, dict]:
                                                    heads=m.heads, embed_dim=m.embed_dim))
     return VISION_CLASSES[spec["cls"]](**spec["kwargs"]), spec
 
-
+# %% ../../nbs/12_clip_train.ipynb #e7e010d7
 def build_clip(m:ClipModelConfig, d:ClipDataConfig, vocab_size:int)->CLIPModel:
     "A fresh CLIPModel from the config sections; with `m.text_from`, the text tower of that run loaded."
     if m.open_clip:

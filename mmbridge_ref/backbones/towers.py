@@ -149,6 +149,7 @@ def conv_stem(dim:int, patch_size:int=4)->nn.Sequential:
         c = w
     return nn.Sequential(*layers)
 
+# %% ../../nbs/02_backbones.ipynb #d1b79b25
 class TinyViT(VisionEncoder):
     "ViT (Dosovitskiy et al. 2021, §3.1) at toy scale: patches (or a conv stem), learned positions, pre-norm blocks, pooling."
     def __init__(self, *, image_size:int=32, patch_size:int=4, dim:int=128, depth:int=4, heads:int=4,

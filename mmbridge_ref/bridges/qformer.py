@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from fastcore.basics import patch
 from torch import Tensor, nn
 
 from ..core import Attention, FeedForward
@@ -102,6 +103,7 @@ def _init_bert(module:nn.Module):
     if isinstance(module, nn.Linear) and module.bias is not None: nn.init.zeros_(module.bias)
     if isinstance(module, nn.LayerNorm): nn.init.ones_(module.weight); nn.init.zeros_(module.bias)
 
+# %% ../../nbs/30_qformer.ipynb #4bef5a64
 class QFormer(nn.Module):
     "BLIP-2's querying transformer: q learned queries that read frozen image features, sharing layers with text. BLIP-2 §3.1."
     def __init__(self,
@@ -143,22 +145,6 @@ class QFormer(nn.Module):
             raise ValueError(f"token ids span [{int(ids.min())}, {int(ids.max())}], outside vocab_size={self.token_emb.num_embeddings}")
         return self.token_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))
 
-    def _check(self, image, text, text_mask, image_mask, objective):
-        "Raise a ValueError naming the shapes (or the objective) that do not fit."
-        if objective not in OBJECTIVES: raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
-        b = image.shape[0]
-        if image.ndim != 3 or image.shape[-1] != self.vision_dim:
-            raise ValueError(f"image features {tuple(image.shape)} are not [b, n, vision_dim={self.vision_dim}]")
-        if image_mask is not None and tuple(image_mask.shape) != tuple(image.shape[:2]):
-            raise ValueError(f"image_mask shape {tuple(image_mask.shape)} does not fit image features {tuple(image.shape[:2])}")
-        if text is None:
-            if text_mask is not None: raise ValueError("text_mask was given without text")
-            return
-        if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.dim:
-            raise ValueError(f"text embeddings {tuple(text.shape)} are not [b={b}, t, d={self.dim}]")
-        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(f"text_mask shape {tuple(text_mask.shape)} does not fit text {tuple(text.shape[:2])}")
-
     def forward(self,
                 image:Tensor,  # frozen image features [b, n, vision_dim]
                 text:Tensor|None=None,  # token ids [b, t] or embeddings [b, t, d]; None: queries only
@@ -180,15 +166,33 @@ class QFormer(nn.Module):
         for layer in self.layers: x = layer(x, num_query=q, mask=mask, image=image, image_mask=image_mask)
         return QFormerOutput(queries=x[:, :q], text=None if text is None else x[:, q:])
 
+# %% ../../nbs/30_qformer.ipynb #1d58773a
+@patch
+def _check(self:QFormer, image, text, text_mask, image_mask, objective):
+    "Raise a ValueError naming the shapes (or the objective) that do not fit."
+    if objective not in OBJECTIVES: raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+    b = image.shape[0]
+    if image.ndim != 3 or image.shape[-1] != self.vision_dim:
+        raise ValueError(f"image features {tuple(image.shape)} are not [b, n, vision_dim={self.vision_dim}]")
+    if image_mask is not None and tuple(image_mask.shape) != tuple(image.shape[:2]):
+        raise ValueError(f"image_mask shape {tuple(image_mask.shape)} does not fit image features {tuple(image.shape[:2])}")
+    if text is None:
+        if text_mask is not None: raise ValueError("text_mask was given without text")
+        return
+    if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.dim:
+        raise ValueError(f"text embeddings {tuple(text.shape)} are not [b={b}, t, d={self.dim}]")
+    if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"text_mask shape {tuple(text_mask.shape)} does not fit text {tuple(text.shape[:2])}")
+
 # %% ../../nbs/30_qformer.ipynb #5ae097bb
 def itc_similarity(
-    query_feats:Tensor,  # normalised query embeddings [b_i, q, e]
-    text_feats:Tensor,  # normalised text [CLS] embeddings [b_t, e]
-)->Tensor:  # [b_i, b_t]: s[i, j] = max over queries of query_feats[i, k] · text_feats[j]
+    query_feats:Tensor,  # normalised query embeddings [b_i, q, d]
+    text_feats:Tensor,  # normalised text [CLS] embeddings [b_t, d]
+)->Tensor:  # [b_i, b_t]: s[i, j] = max over queries q of query_feats[i, q] · text_feats[j]
     "Image–text similarity as the best-matching query. BLIP-2 §3.2 (ITC)."
     if query_feats.ndim != 3 or text_feats.ndim != 2 or query_feats.shape[-1] != text_feats.shape[-1]:
-        raise ValueError(f"need query_feats [b, q, e] and text_feats [b, e], got {tuple(query_feats.shape)} and {tuple(text_feats.shape)}")
-    return einsum(query_feats, text_feats, "i k e, j e -> i j k").amax(-1)
+        raise ValueError(f"need query_feats [b, q, d] and text_feats [b, d], got {tuple(query_feats.shape)} and {tuple(text_feats.shape)}")
+    return einsum(query_feats, text_feats, "i q d, j d -> i j q").amax(-1)
 
 def itc_loss(
     sim:Tensor,  # [b, b] image-to-text similarities, matching pairs on the diagonal
@@ -286,6 +290,7 @@ class QFormerLosses:
     @property
     def total(self)->Tensor: return self.itc + self.itm + self.itg
 
+# %% ../../nbs/30_qformer.ipynb #52688b0a
 class QFormerPretrainer(nn.Module):
     "BLIP-2 stage 1: ITC + ITM (hard negatives) + ITG on a Q-Former over frozen image features. BLIP-2 §3.2."
     def __init__(self,

@@ -11,6 +11,8 @@ __all__ = ['COLOURS', 'SHAPES', 'SIZES', 'POSITIONS', 'SPLITS', 'NUMBERS', 'IMAG
 # %% ../../nbs/01_shapesworld.ipynb #cf9edbda
 import json, math, operator, random, re, textwrap
 from dataclasses import dataclass, asdict
+
+from fastcore.basics import patch
 from pathlib import Path
 
 import torch
@@ -387,33 +389,6 @@ class ShapesWorld(torch.utils.data.Dataset):
     @property
     def render_size(self): return self.image_size * (self.hires_factor if self.task == "hires" else 1)
 
-    def plan(self, i) -> dict:
-        "Sample `i` without its pixels: scenes, text, conversations, meta."
-        i = operator.index(i)                                     # an int, numpy int or integer tensor; never a float
-        if not 0 <= i < self.size: raise IndexError(f"index {i} out of range for {self!r}")
-        rng, split, task = self.rng(i), self.split, self.task
-        jitter = 0.48 - 1.2 * RADIUS["large"] / self.hires_factor if task == "hires" else JITTER
-        scene = lambda: sample_scene(rng, self.min_objects, self.max_objects, split, jitter=jitter)
-        meta, conv = {"index": i}, None
-        if task == "caption":
-            s = scene(); scenes, prompt, answer = [s], "", caption(s, rng)
-            conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(_DESCRIBE)}"}, {"from": "gpt", "value": answer}]
-        elif task in ("vqa", "hires"):
-            s = scene(); kinds = self.vqa_kinds or (VQA_KINDS if task == "vqa" else ("shape",))
-            kind = rng.choice(kinds); scenes = [s]
-            prompt, answer = vqa(s, rng, kind, split=split); meta["kind"] = kind
-            conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": answer}]
-        elif task == "dialogue":
-            s = scene(); scenes = [s]; conv = dialogue(s, rng, split=split)
-            prompt, answer = "\n".join(t["value"] for t in conv[:-1]), conv[-1]["value"]
-        elif task == "interleaved":
-            scenes, prompt, answer, extra = _interleaved(rng, split, self.num_images); meta.update(extra)
-        else:
-            scenes, prompt, answer, extra = _clip(rng, split, self.frames); meta.update(extra)
-        text = f"{prompt}{SEP[task]}{answer}" if prompt else answer
-        meta.update(prompt=prompt, answer=answer, scenes=scenes)
-        return {"text": text, "conversations": conv, "task": task, "meta": meta}
-
     def __getitems__(self, indices) -> list:
         "Samples `indices`, all their images drawn in one vectorised call (`DataLoader` uses this when present)."
         plans = [self.plan(i) for i in indices]
@@ -441,6 +416,35 @@ class ShapesWorld(torch.utils.data.Dataset):
         return {"images": torch.stack(imgs) if same else imgs, "text": [s["text"] for s in samples],
                 "conversations": [s["conversations"] for s in samples],
                 "task": tasks.pop() if len(tasks) == 1 else [s["task"] for s in samples], "meta": [s["meta"] for s in samples]}
+
+# %% ../../nbs/01_shapesworld.ipynb #5c8056b6
+@patch
+def plan(self:ShapesWorld, i) -> dict:
+    "Sample `i` without its pixels: scenes, text, conversations, meta."
+    i = operator.index(i)                                     # an int, numpy int or integer tensor; never a float
+    if not 0 <= i < self.size: raise IndexError(f"index {i} out of range for {self!r}")
+    rng, split, task = self.rng(i), self.split, self.task
+    jitter = 0.48 - 1.2 * RADIUS["large"] / self.hires_factor if task == "hires" else JITTER
+    scene = lambda: sample_scene(rng, self.min_objects, self.max_objects, split, jitter=jitter)
+    meta, conv = {"index": i}, None
+    if task == "caption":
+        s = scene(); scenes, prompt, answer = [s], "", caption(s, rng)
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(_DESCRIBE)}"}, {"from": "gpt", "value": answer}]
+    elif task in ("vqa", "hires"):
+        s = scene(); kinds = self.vqa_kinds or (VQA_KINDS if task == "vqa" else ("shape",))
+        kind = rng.choice(kinds); scenes = [s]
+        prompt, answer = vqa(s, rng, kind, split=split); meta["kind"] = kind
+        conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": answer}]
+    elif task == "dialogue":
+        s = scene(); scenes = [s]; conv = dialogue(s, rng, split=split)
+        prompt, answer = "\n".join(t["value"] for t in conv[:-1]), conv[-1]["value"]
+    elif task == "interleaved":
+        scenes, prompt, answer, extra = _interleaved(rng, split, self.num_images); meta.update(extra)
+    else:
+        scenes, prompt, answer, extra = _clip(rng, split, self.frames); meta.update(extra)
+    text = f"{prompt}{SEP[task]}{answer}" if prompt else answer
+    meta.update(prompt=prompt, answer=answer, scenes=scenes)
+    return {"text": text, "conversations": conv, "task": task, "meta": meta}
 
 # %% ../../nbs/01_shapesworld.ipynb #69c73711
 def load_image(path, image_size=None) -> torch.Tensor:

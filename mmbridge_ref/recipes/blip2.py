@@ -137,6 +137,7 @@ class Blip2(nn.Module):
         self.train_log.clear()
         return out
 
+# %% ../../nbs/31_qformer_train.ipynb #bd3714b5
 def parse_objective(objective:str)->tuple[str, ...]:
     "'lm' (stage 2) or stage-1 objectives joined by '+', e.g. 'itc+itm+itg'; anything else is an error naming it."
     if objective == "lm": return ("lm",)
@@ -292,6 +293,7 @@ def _check_data(d:Blip2DataConfig, stages:list):
     for w in d.eval:
         if w not in EVALS: raise ConfigError("data.eval", f"{w!r} is not one of {EVALS}")
 
+# %% ../../nbs/31_qformer_train.ipynb #40a6e7c8
 @register_task("blip2")
 def blip2_task(cfg)->Task:
     "BLIP-2 / InstructBLIP on ShapesWorld: each stage's objective named in data.objectives (the `blip2` task)."
@@ -370,6 +372,7 @@ def qformer_measurements(config=TINY_CONFIG,  # the base recipe (configs/blip2_t
 
 RESULTS_LONG = ROOT / "data_samples" / "results" / "qformer_long.json"
 
+# %% ../../nbs/31_qformer_train.ipynb #a06388ff
 def qformer_long_stage1(config=TINY_CONFIG, root=ROOT / "runs" / "qformer_long",
                         steps:int=1000,  # stage-1 steps (the ablation's rows have 300)
                         rows:tuple=("ITC+ITM+ITG", "without ITG"),  # rows of `ABLATION` to run

@@ -185,6 +185,7 @@ def probe_eval(model:PrefixProbe, batch:dict)->dict:
     hits = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum()
     return dict(loss=float(lm_loss_sum(logits, labels) / mask.sum()), acc=float(hits / mask.sum()))
 
+# %% ../../nbs/07_zoo_lm.ipynb #d058eec4
 @register_task("prefix_probe")
 def prefix_probe_task(cfg)->Task:
     "An MLP prefix bridge between the zoo vision encoder and a frozen zoo LM (the `prefix_probe` task)."

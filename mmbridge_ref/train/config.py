@@ -72,6 +72,7 @@ class StageConfig:
 
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
+# %% ../../nbs/81_config.ipynb #21baf528
 @dataclass
 class TrainConfig:
     "How the loop runs: where, how big a step, how often to log, evaluate and save."

@@ -383,6 +383,7 @@ class _GracefulInterrupt:
     def __exit__(self, *exc):
         if self.old is not None: signal.signal(signal.SIGINT, self.old)
 
+# %% ../../nbs/80_train.ipynb #61e4d89a
 def _to(batch:dict, device:torch.device)->dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -550,6 +551,7 @@ def _nonfinite(self:_Run, what:str, value:float)->NonFiniteLossError:
     return NonFiniteLossError(f"{what} is {value} at step {self.state.step + 1} (stage {self.state.stage} {s!r}); "
                               f"the run stops without saving this state; {kept}")
 
+# %% ../../nbs/80_train.ipynb #284b8566
 @patch
 def _train_step(self:_Run):
     "One optimizer step (or a logged skip when the global batch has no supervised target)."
