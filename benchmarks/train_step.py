@@ -89,6 +89,37 @@ def speed(config, extra, precision, steps, threads):
     return {"samples_per_s": sps, "targets_per_s": tps, "step_flops": flops, "flop_per_s": flops * sps / cfg.train.batch_size}
 
 
+def time_breakdown(config, extra, threads, steps=8):
+    "Where one training step's time goes (fp32, torch.profiler): matmuls, attention, everything else, and the Python between ops."
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        cfg, stage = _cfg(config, extra, "fp32", steps + 3, threads, d)
+        task = build_task(cfg)
+        set_trainable(task.model, cfg.stages[stage].trainable)
+        opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=1e-4)
+        start = sum(s.steps for s in cfg.stages[:stage])
+        def step(i):
+            b = task.batch(start + i)
+            task.model(b).backward(); opt.step(); opt.zero_grad()
+        for i in range(3): step(i)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(3, 3 + steps): step(i)
+        wall = time.perf_counter() - t0
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"),
+              "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"), "optimizer": ("Optimizer.step",)}
+    total = {k: 0.0 for k in (*groups, "other ops")}
+    for e in prof.key_averages():
+        if e.key.startswith(("ProfilerStep", "enumerate(DataLoader)")): continue
+        k = next((g for g, names in groups.items() if e.key.startswith(names)), None)
+        if k == "optimizer": total[k] += e.cpu_time_total / 1e6  # the whole step, its ops included
+        elif k is not None: total[k] += e.self_cpu_time_total / 1e6
+        elif not e.key.startswith("Optimizer"): total["other ops"] += e.self_cpu_time_total / 1e6
+    ops = sum(v for k, v in total.items() if k != "optimizer")
+    return {k: v / wall for k, v in total.items()} | {"python and data (not in any op)": max(0.0, 1 - ops / wall)}
+
+
 def quality(threads):
     "Full-budget runs of the vlm and flamingo recipes in fp32 and bf16: their held-out figures side by side."
     out = {}
@@ -131,6 +162,10 @@ def main(argv=None):
             ratio = r["samples_per_s"] / results[(name, "fp32")]["samples_per_s"]
             lines.append(f"| {name} | {p} | {r['samples_per_s']:.1f} | {r['targets_per_s']:.0f} | {r['step_flops'] / 1e9:.2f} | "
                          f"{r['flop_per_s'] / 1e9:.2f} | {100 * r['flop_per_s'] / peak[p]:.1f} | {ratio:.2f} |")
+    bd = time_breakdown(*RECIPES["vlm (mlp × prefix)"], a.threads)
+    lines += ["", "Where the time of a `vlm (mlp × prefix)` step goes (fp32, torch.profiler over 8 steps, shares of wall time; the",
+              "optimizer row includes its own ops):", "", "| part | share of the step |", "|---|---:|"]
+    lines += [f"| {k} | {100 * v:.0f}% |" for k, v in bd.items()]
     if a.quality:
         q = quality(a.threads)
         lines += ["", "Held-out quality after each recipe's full budget, fp32 vs bf16 autocast (same seed, batches and steps):", "",

@@ -35,7 +35,8 @@ def _need(module:str, what:str):
 def cmd_zoo_build(args)->int:
     "Pretrain the tiny backbones and write them to the zoo."
     info = {}
-    if args.only in (None, "lm"): info.update(_need("mmbridge_ref.backbones.towers", "zoo build").build_zoo(quick=args.quick))
+    lms = [n for n in ("lm", "lm_bare") if args.only in (None, n)]
+    if lms: info.update(_need("mmbridge_ref.recipes.zoo", "zoo build").build_zoo(only=lms, quick=args.quick))
     if args.only in (None, "vision"): info["vision"] = _need("mmbridge_ref.align.clip_train", "zoo build").build_vision_zoo(quick=args.quick)
     print(yaml.safe_dump(info, sort_keys=False).rstrip())
     return 0
@@ -74,8 +75,9 @@ def build_parser()->argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the tiny pretrained backbones").add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zb = zoo.add_parser("build", help="pretrain the tiny backbones and save them")
     zb.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not a usable zoo")
-    zb.add_argument("--only", choices=("lm", "vision"), default=None,
-                    help="build only the tokenizer and LMs (~16 min on 2 cores) or only the vision encoder (~10 min); default both")
+    zb.add_argument("--only", choices=("lm", "lm_bare", "vision"), default=None,
+                    help="build only the note-reading LM (and its tokenizer), only the bare LM of the contrast, or only the "
+                         "vision encoder; default all three")
     zb.set_defaults(func=cmd_zoo_build)
     zoo.add_parser("list", help="what the zoo holds").set_defaults(func=cmd_zoo_list)
     data = sub.add_parser("data", help="the synthetic ShapesWorld data").add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

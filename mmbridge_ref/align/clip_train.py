@@ -16,14 +16,14 @@ from torch import Tensor
 from ..core import Attention, FeedForward
 from .clip import LogitBias, LogitScale, clip_logits, clip_loss, clip_loss_multi_positive, siglip_loss
 from ..data import shapesworld as sw
-from ..backbones.towers import (VISION_CLASSES, ZOO_DIR, TinyViT, freeze, load_tokenizer, load_zoo_vision,
+from ..backbones.towers import (ROOT, VISION_CLASSES, ZOO_DIR, TinyViT, freeze, load_tokenizer, load_zoo_vision,
                                           save_zoo_vision, train_tokenizer)
 from ..backbones.vitamin import TinyViTamin
 from ..train.loop import Task, load_checkpoint, parse_dataclass, register_task
 
 # %% auto #0
-__all__ = ['ROOT', 'TINY_CONFIG', 'TABLE_ROWS', 'caption_groups', 'contrastive_loss', 'TextBlock', 'TextTower', 'tokenize',
-           'clip_tokenizer', 'CLIPModel', 'ClipModelConfig', 'ClipDataConfig', 'build_vision', 'build_clip',
+__all__ = ['TINY_CONFIG', 'TABLE_ROWS', 'caption_groups', 'contrastive_loss', 'TextBlock', 'TextTower', 'tokenize',
+           'clip_tokenizer', 'CLIPModel', 'ClipModelConfig', 'ClipDataConfig', 'build_clip_vision', 'build_clip',
            'OpenClipImage', 'OpenClipText', 'open_clip_towers', 'load_text_tower', 'text_batch', 'shape_groups',
            'clip_batch', 'clip_eval_sets', 'attribute_prompts', 'zero_shot', 'recall_at_k', 'clip_evaluate',
            'clip_task', 'clip_table', 'build_vision_zoo', 'save_zoo_text', 'load_zoo_clip', 'shard_urls',
@@ -176,10 +176,9 @@ class ClipDataConfig:
     hard_negatives:float=0.0  # fraction of each batch made of shape groups (`shape_groups`): scenes alike but for the shape
     group_size:int=4  # scenes per shape group (at most 4: a colour of the compositional split has only 4 training shapes)
 
-ROOT = Path(mmbridge_ref.__file__).resolve().parents[1]  # the repository: configs/ and data_samples/ live here
 TINY_CONFIG = ROOT / "configs" / "clip_tiny.yaml"
 
-def build_vision(m:ClipModelConfig, image_size:int)->tuple[nn.Module, dict]:
+def build_clip_vision(m:ClipModelConfig, image_size:int)->tuple[nn.Module, dict]:
     "The image tower and the JSON spec (class + keyword arguments) that rebuilds it."
     if m.vision == "vit":
         spec = dict(cls="TinyViT", kwargs=dict(image_size=image_size, patch_size=m.patch_size, dim=m.vision_dim,
@@ -199,7 +198,7 @@ def build_clip(m:ClipModelConfig, d:ClipDataConfig, vocab_size:int)->CLIPModel:
         model.vision_spec = dict(cls="open_clip", kwargs=dict(name=m.open_clip))
         if m.text_from: load_text_tower(model, m.text_from)
         return model
-    vision, spec = build_vision(m, d.image_size)
+    vision, spec = build_clip_vision(m, d.image_size)
     text = TextTower(vocab_size=vocab_size, dim=m.text_dim, depth=m.text_depth, heads=m.heads, max_len=d.max_len,
                      embed_dim=m.embed_dim)
     model = CLIPModel(vision, text, loss=m.loss, positives=m.positives)

@@ -92,9 +92,14 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         "Load a HF causal LM (a hub id or a local folder, e.g. one written by `save_pretrained`) and its tokenizer."
+        from transformers.utils import logging as hf_logging
         path = Path(name_or_path)
         tok = load_tokenizer(path) if path.exists() else AutoTokenizer.from_pretrained(name_or_path)
-        return cls(AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tok)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per tiny model is noise in every run's output
+        try: return cls(AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype), tok)
+        finally:
+            if bar: hf_logging.enable_progress_bar()
 
     def save_pretrained(self, path):
         "Weights as safetensors, config and tokenizer in one folder."
