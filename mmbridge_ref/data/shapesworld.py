@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'SIZES', 'POSITIONS', 'SPLITS', 'NUMBERS', 'IMAGE_TOKEN', 'RGB', 'RADIUS', 'JITTER', 'HELD_OUT',
            'VQA_KINDS', 'DIRECTIONS', 'TASKS', 'SEP', 'ANSWERS', 'Obj', 'Scene', 'sample_scene', 'render', 'render_pil',
-           'scene_note', 'caption', 'vqa', 'dialogue', 'check_sample', 'ShapesWorld', 'load_image', 'load_llava_json',
-           'preview', 'parse_caption', 'caption_is_true', 'caption_scores', 'save_samples']
+           'scene_note', 'canonical_note', 'caption', 'vqa', 'dialogue', 'check_sample', 'ShapesWorld', 'load_image',
+           'load_llava_json', 'preview', 'parse_caption', 'caption_is_true', 'caption_scores', 'save_samples']
 
 # %% ../../nbs/01_shapesworld.ipynb #cf9edbda
 import json, math, operator, random, re, textwrap
@@ -191,6 +191,12 @@ def scene_note(scene: Scene, rng: random.Random) -> str:
         fields = lambda o: [("shape", o.shape), ("colour", o.colour), ("size", o.size), ("position", o.position)]
         body = " | ".join(" , ".join(f"{k} : {v}" for k, v in _shuffled(rng, fields(o))) for o in objs)
     return f"{head} {body} ."
+
+# %% ../../nbs/01_shapesworld.ipynb #b9f723fc
+def canonical_note(scene: Scene, rng: random.Random | None = None) -> str:
+    "One fixed wording, the objects in reading order (top left first), as an encoder's patch grid lists them."
+    objs = sorted(scene.objects, key=lambda o: 3 * o.row + o.col)
+    return "note : " + " ; ".join(f"{o.size} {o.colour} {o.shape} at the {o.position}" for o in objs) + " ."
 
 # %% ../../nbs/01_shapesworld.ipynb #ff83b162
 def _relation(a, b):
