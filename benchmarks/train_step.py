@@ -123,12 +123,13 @@ def time_breakdown(config, extra, threads, steps=8):
 def quality(threads):
     "Full-budget runs of the vlm and flamingo recipes in fp32 and bf16: their held-out figures side by side."
     out = {}
-    for name, config, keys in (("vlm (mlp × prefix)", "configs/vlm_tiny.yaml", ("loss", "vqa_em", "vqa_mc", "caption_obj_precision")),
-                               ("flamingo", "configs/flamingo_tiny.yaml", ("fewshot_acc", "picture_acc", "clip_acc"))):
+    for name, config, keys, extra in (("vlm (mlp × prefix)", "configs/vlm_tiny.yaml", ("loss", "vqa_em", "vqa_mc", "caption_obj_precision"), []),
+                                      ("flamingo", "configs/flamingo_tiny.yaml", ("fewshot_acc", "picture_acc", "clip_acc"), []),
+                                      ("zoo LM, 600 steps", "configs/zoo_lm.yaml", ("loss", "acc"), ["stages.0.steps=600", "train.eval_every=0", "train.ckpt_every=0"])):
         for p in PRECISIONS:
             with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
                 t0 = time.time()
-                res = fit(load_config(ROOT / config, [f"train.precision={p}", f"train.threads={threads}", f"train.run_dir={d}/{{name}}"]), progress=False)
+                res = fit(load_config(ROOT / config, [*extra, f"train.precision={p}", f"train.threads={threads}", f"train.run_dir={d}/{{name}}"]), progress=False)
             out[(name, p)] = {k: res.metrics.get(k) for k in keys} | {"seconds": round(time.time() - t0)}
     return out
 

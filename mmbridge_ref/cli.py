@@ -36,7 +36,7 @@ def cmd_zoo_build(args)->int:
     "Pretrain the tiny backbones and write them to the zoo."
     info = {}
     lms = [n for n in ("lm", "lm_bare") if args.only in (None, n)]
-    if lms: info.update(_need("mmbridge_ref.recipes.zoo", "zoo build").build_zoo(only=lms, quick=args.quick))
+    if lms: info.update(_need("mmbridge_ref.recipes.zoo", "zoo build").build_zoo(only=lms, quick=args.quick, sets=args.overrides))
     if args.only in (None, "vision"): info["vision"] = _need("mmbridge_ref.align.clip_train", "zoo build").build_vision_zoo(quick=args.quick)
     print(yaml.safe_dump(info, sort_keys=False).rstrip())
     return 0
@@ -78,6 +78,8 @@ def build_parser()->argparse.ArgumentParser:
     zb.add_argument("--only", choices=("lm", "lm_bare", "vision"), default=None,
                     help="build only the note-reading LM (and its tokenizer), only the bare LM of the contrast, or only the "
                          "vision encoder; default all three")
+    zb.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override a key of configs/zoo_lm.yaml for the LMs, e.g. --set train.threads=1")
     zb.set_defaults(func=cmd_zoo_build)
     zoo.add_parser("list", help="what the zoo holds").set_defaults(func=cmd_zoo_list)
     data = sub.add_parser("data", help="the synthetic ShapesWorld data").add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

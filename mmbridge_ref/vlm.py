@@ -231,7 +231,7 @@ class QFormerSettings:
     cross_attention_every:int=2  # BLIP-2: every other block reads the image
     max_text_len:int=64
     instruction:bool=False  # InstructBLIP: the instruction's tokens join the queries' self-attention
-    text_init:Literal["random", "lm"]="lm"  # word embeddings: random, or the LM's (BLIP-2 starts from BERT's)
+    text_init:Literal["random", "lm"]="random"  # word embeddings: random, or the LM's (BLIP-2 starts from BERT's)
 
 @dataclass
 class XAttnSettings:

@@ -82,18 +82,18 @@ def test_lm_loss_with_no_targets_is_zero_not_nan():
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
 
 
-def test_lm_episode_rejects_unknown_format():
-    import random
-    from mmbridge_ref.recipes.zoo import lm_episode
-    with pytest.raises(ValueError, match="fmt='caps'"):
-        lm_episode(random.Random(0), "caps")
+def test_lm_pretrain_data_rejects_bad_values():
+    from mmbridge_ref.recipes.zoo import LMPretrainData
+    with pytest.raises(ValueError, match="fmt: 'caps' is not allowed"): LMPretrainData(fmt="caps")
+    with pytest.raises(ValueError, match="mix"): LMPretrainData(mix={"captions": 1.0})
+    with pytest.raises(ValueError, match="qa_turns"): LMPretrainData(qa_turns=0)
 
 
-def test_prefix_probe_rejects_a_data_section_and_unknown_keys():
-    from mmbridge_ref.recipes.zoo import probe_config
+def test_lm_pretrain_config_names_unknown_keys():
     from mmbridge_ref.train.config import ConfigError, load_config
     from mmbridge_ref.train.loop import build_task
-    with pytest.raises(ValueError, match=r"\['lm'\] are not used"):
-        build_task(load_config({**probe_config("lm", steps=1), "data": {"lm": "lm"}}))
+    from mmbridge_ref.backbones.towers import ROOT
     with pytest.raises(ConfigError, match="model.hiden"):
-        build_task(load_config({**probe_config("lm", steps=1), "model": {"hiden": 8}}))
+        build_task(load_config(ROOT / "configs" / "zoo_lm.yaml", ["model.hiden=8"]))
+    with pytest.raises(ConfigError, match="data.qa_turn"):
+        build_task(load_config(ROOT / "configs" / "zoo_lm.yaml", ["data.qa_turn=2"]))

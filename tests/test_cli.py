@@ -92,7 +92,7 @@ def test_nan_loss_exits_1_and_ctrl_c_exits_130_after_saving(tmp_path, capsys):
 
 def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys):
     calls = []
-    fake_zoo = types.SimpleNamespace(build_zoo=lambda only, quick=False: calls.append((tuple(only), quick)) or {"lm": {"steps": 3}})
+    fake_zoo = types.SimpleNamespace(build_zoo=lambda only, quick=False, sets=(): calls.append((tuple(only), quick, *sets)) or {"lm": {"steps": 3}})
     fake_backbones = types.SimpleNamespace(list_zoo=lambda: {"lm": {"eval_acc": 0.9}})
     fake_clip = types.SimpleNamespace(build_vision_zoo=lambda quick=False: calls.append(("vision", quick)) or {"steps": 5})
     monkeypatch.setitem(sys.modules, "mmbridge_ref.recipes.zoo", fake_zoo)
@@ -100,7 +100,7 @@ def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "mmbridge_ref.align.clip_train", fake_clip)
     assert main(["zoo", "build", "--quick"]) == 0 and calls == [(("lm", "lm_bare"), True), ("vision", True)]
     assert main(["zoo", "build", "--only", "lm"]) == 0 and calls[2:] == [(("lm",), False)]
-    assert main(["zoo", "build", "--only", "lm_bare"]) == 0 and calls[3:] == [(("lm_bare",), False)]
+    assert main(["zoo", "build", "--only", "lm_bare", "--set", "train.threads=1"]) == 0 and calls[3:] == [(("lm_bare",), False, "train.threads=1")]
     assert main(["zoo", "build", "--only", "vision"]) == 0 and calls[4:] == [("vision", False)]
     assert "vision:\n  steps: 5" in capsys.readouterr().out
     assert main(["zoo", "build", "--only", "tokenizer"]) == 2  # not a choice: argparse's usage error

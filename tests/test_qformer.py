@@ -554,3 +554,18 @@ def test_load_hf_qformer_rejects_size_mismatch(hf_retrieval):
         load_hf_qformer(_tiny(num_queries=5), hf_retrieval.qformer, query_tokens=hf_retrieval.query_tokens)
     with pytest.raises(ValueError, match="cross-attention"):
         load_hf_qformer(_tiny(cross_attention_every=1), hf_retrieval.qformer, query_tokens=hf_retrieval.query_tokens)
+
+
+def test_text_init_from_a_wider_lm_keeps_the_words_geometry():
+    "A Q-Former narrower than the LM starts from the LM's embeddings on their leading principal directions."
+    import torch
+    from mmbridge_ref.bridges.qformer import QFormer, init_text_embeddings
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 8, generator=g) @ torch.randn(8, 32, generator=g)  # rank 8 in a 32-wide LM
+    q = init_text_embeddings(QFormer(16, vision_dim=8, depth=2, num_queries=2, heads=2, vocab_size=42), w)
+    e = q.token_emb.weight[:40].detach().double()
+    assert torch.allclose(torch.cdist(e, e), torch.cdist(w.double(), w.double()), rtol=1e-4, atol=1e-3)  # every distance between words kept
+    same = init_text_embeddings(QFormer(32, vision_dim=8, depth=2, num_queries=2, heads=2, vocab_size=42), w)
+    assert torch.equal(same.token_emb.weight[:40], w)  # equal widths: a copy
+    with pytest.raises(ValueError, match=r"\(40, 32\).*at least the Q-Former's"):
+        init_text_embeddings(QFormer(64, vision_dim=8, depth=2, num_queries=2, heads=2, vocab_size=42), w)

@@ -335,11 +335,11 @@ def test_task_uses_each_stage_objective():
     ("model.qformer.depht=2", "model.qformer.depht"),
     ("model.qformr={dim: 32}", "did you mean 'qformer'"),
     ("model.qformer.text_init=bert", "model.qformer.text_init"),
-    ("model.qformer.dim=32", "widths must be equal"),  # text_init: lm copies the LM's 128-wide embeddings
+    ("model.qformer.text_init=lm;model.qformer.dim=512", "at least the Q-Former.s"),  # wider than the LM
     ("model.stage1.embed=16", "model.stage1.embed"),
 ])
 def test_bad_config_names_the_key(override, needle):
-    with pytest.raises((ConfigError, ValueError), match=needle): build_task(load_config(TINY_CONFIG, [override, "data.eval_size=0"]))
+    with pytest.raises((ConfigError, ValueError), match=needle): build_task(load_config(TINY_CONFIG, [*override.split(";"), "data.eval_size=0"]))
 
 
 def test_tiny_recipe_trains_through_the_engine_and_reloads(tmp_path):

@@ -385,10 +385,16 @@ class QFormerBridge(nn.Module):
 
 @torch.no_grad()
 def init_text_embeddings(qformer:QFormer, weight:Tensor)->QFormer:
-    "Copy an LM's input embeddings [vocab, d] into the first rows of the Q-Former's word embeddings (its [CLS] and [DEC] stay random)."
-    if weight.shape[1] != qformer.dim or weight.shape[0] > qformer.token_emb.num_embeddings:
-        raise ValueError(f"embeddings {tuple(weight.shape)} do not fit the Q-Former's {tuple(qformer.token_emb.weight.shape)}: widths must be equal")
-    qformer.token_emb.weight[:weight.shape[0]] = weight.float()
+    """Start the Q-Former's word embeddings from an LM's [vocab, d]: a copy when the widths are equal; for a narrower
+    Q-Former, the LM's embeddings on their `qformer.dim` leading principal directions. [CLS] and [DEC] stay random."""
+    if weight.shape[1] < qformer.dim or weight.shape[0] > qformer.token_emb.num_embeddings:
+        raise ValueError(f"embeddings {tuple(weight.shape)} do not fit the Q-Former's {tuple(qformer.token_emb.weight.shape)}: "
+                         "the LM's vocabulary must fit and its width must be at least the Q-Former's")
+    w = weight.float()
+    if w.shape[1] > qformer.dim:  # keep the directions along which the LM's words differ most
+        w = w - w.mean(0)
+        w = w @ torch.linalg.svd(w, full_matrices=False).Vh[:qformer.dim].T
+    qformer.token_emb.weight[:w.shape[0]] = w
     return qformer
 
 # %% ../../nbs/30_qformer.ipynb #48305316

@@ -133,14 +133,15 @@ def lm_pretrain_task(cfg)->Task:
 @torch.no_grad()
 def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
                  *, n_captions:int=256, n_questions:int=512,
-                 max_objects:int=2,  # scenes of 1..max_objects shapes
+                 max_objects:int=2,  # scenes of min_objects..max_objects shapes
+                 min_objects:int=1,
                  seed:int=1_000_003,  # held-out scenes (training drew from other seeds)
                  batch_size:int=64)->dict:
     "The LM reading each held-out scene's true note as text: caption accuracy and VQA exact match (overall and per kind)."
     vlm = build_vlm({"lm": lm}, cache=None).eval()
     tok, out = vlm.lm.tokenizer, {}
     for task, n in (("caption", n_captions), ("vqa", n_questions)):
-        plans = [sw.ShapesWorld(task, seed=seed, size=n, min_objects=1, max_objects=max_objects).plan(i) for i in range(n)]
+        plans = [sw.ShapesWorld(task, seed=seed, size=n, min_objects=min_objects, max_objects=max_objects).plan(i) for i in range(n)]
         prompts = ["caption :" if task == "caption" else f"question : {p['meta']['prompt']} answer :" for p in plans]
         rows = [dict(zip(("input_ids", "labels"), encode_segments(tok, [(f"{sw.canonical_note(p['meta']['scenes'][0])} {pr}", False)],
                                                                   num_media=0, eos=False)), media=torch.zeros(0, 1, 3, 1, 1))
@@ -158,12 +159,12 @@ def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
     return out
 
 # %% ../../nbs/07_zoo_lm.ipynb #039dee10
-def _zoo_config(fmt:str, tokenizer, quick:bool, run_dir:str):
+def _zoo_config(fmt:str, tokenizer, quick:bool, run_dir:str, sets=()):
     path = ROOT / "configs" / "zoo_lm.yaml"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: build the zoo from a clone of the repository")
-    sets = [f"data.fmt={fmt}", f"data.tokenizer={tokenizer}", f"name=zoo_lm_{fmt}", f"train.run_dir={run_dir}"]
-    if quick: sets += ["stages.0.steps=4", "train.eval_every=0", "train.batch_size=2", "data.eval_batches=1", "optim.warmup_steps=1"]
-    return load_config(path, sets)
+    extra = [f"data.fmt={fmt}", f"data.tokenizer={tokenizer}", f"name=zoo_lm_{fmt}", f"train.run_dir={run_dir}"]
+    if quick: extra += ["stages.0.steps=4", "train.eval_every=0", "train.batch_size=2", "data.eval_batches=1", "optim.warmup_steps=1"]
+    return load_config(path, [*sets, *extra])
 
 def _train_tokenizer(out:Path, quick:bool):
     rng, texts = random.Random("tokenizer"), []
@@ -176,27 +177,29 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
               *,
               only:list[str]|tuple=("lm", "lm_bare"),  # which LMs to (re)build
               quick:bool=False,  # a few steps only: checks the pipeline, not a usable zoo
+              sets:list[str]|tuple=(),  # config overrides, e.g. ["train.threads=1"]
               progress:bool=True)->dict:
     "Train the tokenizer (with `lm`) and the LMs named in `only`, save them under `out`; returns what `zoo.json` records."
     if bad := [n for n in only if n not in ("lm", "lm_bare")]: raise ValueError(f"only={list(only)}: {bad} are not zoo LMs (lm, lm_bare)")
     out = Path(out or ZOO_DIR); out.mkdir(parents=True, exist_ok=True)
     info = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {}
     t0 = time.time()
-    if "lm" in only or not (out / "tokenizer").exists(): _train_tokenizer(out, quick)
-    info["tokenizer"] = dict(vocab_size=len(load_tokenizer(out / "tokenizer")), seconds=round(time.time() - t0))
+    if "lm" in only or not (out / "tokenizer").exists():
+        _train_tokenizer(out, quick)
+        info["tokenizer"] = dict(vocab_size=len(load_tokenizer(out / "tokenizer")), seconds=round(time.time() - t0))
     for name in only:
         fmt = "note" if name == "lm" else "bare"
-        cfg = _zoo_config(fmt, out / "tokenizer", quick, str(out / "runs" / "{name}") if quick else "runs/{name}")
+        cfg = _zoo_config(fmt, out / "tokenizer", quick, str(out / "runs" / "{name}") if quick else "runs/{name}", sets)
         t1, res = time.time(), fit(cfg, progress=progress)
         lm = load_run(res.run_dir).model.lm
         lm.model.config._attn_implementation = "sdpa"  # what the bridges run it with
         lm.save_pretrained(out / name)
-        info[name] = dict(fmt=fmt, steps=res.step, seconds=round(time.time() - t1), threads=torch.get_num_threads(),
+        command = f"mmbridge zoo build --only {name}" + (" --quick" if quick else "") + "".join(f" --set {s}" for s in sets)
+        info[name] = dict(command=command, fmt=fmt, steps=res.step, seconds=round(time.time() - t1), threads=torch.get_num_threads(),
                           **{f"heldout_{k}": round(v, 4) for k, v in res.metrics.items()})
         if name == "lm" and not quick:
             info[name]["seconds_with_tokenizer"] = info[name]["seconds"] + info["tokenizer"]["seconds"]
             info[name]["ceiling"] = {f"1-{k} objects": note_ceiling(str(out / name), max_objects=k) for k in (2, 4)}
-    info["command"] = f"mmbridge zoo build --only {' '.join(only)}" + (" --quick" if quick else "")
     (out / "zoo.json").write_text(json.dumps(info, indent=2))
     return info
 
