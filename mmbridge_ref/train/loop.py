@@ -678,13 +678,14 @@ def fit_rows(config:str|Path|dict,  # the base recipe
              progress:bool=False,
             )->dict:  # {"rows": [...], "curves": {row: [...]}}
     "One run per row on the same budget: its final held-out metrics, steps, seconds, trainable parameters and curve."
-    out = {"rows": [], "curves": {}}
+    out, here = {"rows": [], "curves": {}}, f"{Path.cwd()}/"
+    shown = lambda s: str(s).replace(here, "")  # paths as seen from where it ran: a committed table names no machine
     for i, (name, sets) in enumerate(rows.items()):
         cfg = load_config(config, [*common, *sets, f"name=row{i}", f"train.run_dir={Path(root)}/{{name}}"])
         t0 = time.time()
         res = fit(cfg, progress=progress)
         rnd = lambda v: round(v, 4) if isinstance(v, float) else v
-        out["rows"].append({"row": name, "overrides": [*common, *sets], "run_dir": str(res.run_dir), "steps": res.step, "seconds": round(time.time() - t0),
+        out["rows"].append({"row": name, "overrides": [shown(s) for s in (*common, *sets)], "run_dir": shown(res.run_dir), "steps": res.step, "seconds": round(time.time() - t0),
                             "trainable": max(s["trainable"] for s in res.params), **{k: rnd(v) for k, v in res.metrics.items()}})
         out["curves"][name] = [{k: rnd(v) for k, v in r.items() if (k in ("step", "loss") or k.startswith("eval_")) and v is not None}
                                for r in res.history]
