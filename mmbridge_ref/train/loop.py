@@ -650,7 +650,10 @@ def fit(cfg:Config|str|Path|dict,  # a Config (or what load_config takes)
     d, device = _setup(cfg.train.device)
     threads = torch.get_num_threads()
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
-    try: return _Run(cfg, d, device, resume, progress).run()
+    try:
+        res = _Run(cfg, d, device, resume, progress).run()
+        if d.created: dist.barrier()  # every rank done before the group goes: gloo can abort a rank whose peer left first
+        return res
     finally:
         torch.set_num_threads(threads)
         if d.created: dist.destroy_process_group()
