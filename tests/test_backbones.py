@@ -97,3 +97,9 @@ def test_lm_pretrain_config_names_unknown_keys():
         build_task(load_config(ROOT / "configs" / "zoo_lm.yaml", ["model.hiden=8"]))
     with pytest.raises(ConfigError, match="data.qa_turn"):
         build_task(load_config(ROOT / "configs" / "zoo_lm.yaml", ["data.qa_turn=2"]))
+
+
+def test_note_ceiling_names_a_bad_object_range():
+    from mmbridge_ref.recipes.zoo import note_ceiling
+    with pytest.raises(ValueError, match="min_objects=3, max_objects=2"):
+        note_ceiling(min_objects=3, max_objects=2, n_captions=2, n_questions=2)
