@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones.towers import LanguageModel, build_lm, build_vision, freeze, lm_loss_sum
-from .bridges.projectors import LinearProjector, MeanPool, MLPProjector
+from .bridges.projectors import LinearProjector, MeanPool, MLPProjector, PixelShuffleProjector
 from .bridges.qformer import QFormer, QFormerBridge, init_text_embeddings
 from .bridges.resampler import PerceiverResampler
 from .inject.prefix import LMOutput, PrefixInjection, splice_visual_tokens
 from .inject.xattn import XAttnInjection
-from .train.config import ConfigError, parse_dataclass
+from .train.config import ConfigError, _check, parse_dataclass
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'FEATURES', 'BRIDGES', 'INJECTIONS', 'encode_segments', 'collate_vlm', 'encoder_fingerprint',
            'FeatureCache', 'VLM', 'prompt_tokens', 'Part', 'NoSettings', 'register_bridge', 'register_injection',
-           'ProjectorSettings', 'ResamplerSettings', 'QFormerSettings', 'XAttnSettings', 'VLMConfig',
-           'parse_vlm_config', 'build_vlm', 'generate', 'sequence_logprobs', 'score', 'choose']
+           'ProjectorSettings', 'PixelShuffleSettings', 'ResamplerSettings', 'QFormerSettings', 'XAttnSettings',
+           'VLMConfig', 'parse_vlm_config', 'build_vlm', 'generate', 'sequence_logprobs', 'score', 'choose']
 
 # %% ../nbs/05_vlm.ipynb #3a9a2aa6
 IMAGE_TOKEN = "<image>"
@@ -75,8 +75,10 @@ def collate_vlm(rows:list[dict],  # each: input_ids, labels (lists), media [m, f
 # %% ../nbs/05_vlm.ipynb #2e083dea
 @torch.no_grad()
 def encoder_fingerprint(encoder:nn.Module)->str:
-    "A hash of an encoder's class and every weight: equal only for the same weights."
+    "A hash of an encoder's class, every weight and which tokens it returns: equal only for the same features."
     h = hashlib.sha1(type(encoder).__name__.encode())
+    h.update(repr([(name, getattr(m, "layer", None), getattr(m, "select", None)) for name, m in encoder.named_modules()
+                   if isinstance(getattr(m, "layer", None), int) or isinstance(getattr(m, "select", None), str)]).encode())
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode()); h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -213,6 +215,12 @@ class ProjectorSettings:
     max_frames:int=1  # > 1: clips, with a learned time embedding per frame
 
 @dataclass
+class PixelShuffleSettings:
+    scale:int=2  # s x s patches per visual token: the zoo's 8x8 grid gives 16 tokens (Idefics3: 2)
+    max_frames:int=1
+    def __post_init__(self): _check(self.scale >= 1, "scale", self.scale, "an integer >= 1 that divides the side of the patch grid")
+
+@dataclass
 class ResamplerSettings:
     num_latents:int=16  # visual tokens per image or clip (Flamingo: 64)
     depth:int=2
@@ -243,6 +251,8 @@ class XAttnSettings:
 
 register_bridge("linear", ProjectorSettings)(lambda s, *, dim_in, dim_out, lm: LinearProjector(dim_in, dim_out, max_frames=s.max_frames))
 register_bridge("mlp", ProjectorSettings)(lambda s, *, dim_in, dim_out, lm: MLPProjector(dim_in, dim_out, max_frames=s.max_frames))
+register_bridge("pixel_shuffle", PixelShuffleSettings)(
+    lambda s, *, dim_in, dim_out, lm: PixelShuffleProjector(dim_in, dim_out, s.scale, max_frames=s.max_frames))
 register_bridge("mean", ProjectorSettings)(lambda s, *, dim_in, dim_out, lm: MeanPool(dim_in, dim_out, max_frames=s.max_frames))
 
 @register_bridge("resampler", ResamplerSettings)
@@ -261,7 +271,7 @@ register_injection("prefix")(lambda s: PrefixInjection())
 register_injection("xattn", XAttnSettings)(lambda s: XAttnInjection(every=s.every, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult, mask=s.mask))
 
 # %% ../nbs/05_vlm.ipynb #8e25f371
-_AXES = ("vision", "bridge", "injection", "lm", "vision_args", "lm_args")
+_AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args")
 
 @dataclass
 class VLMConfig:
@@ -270,16 +280,29 @@ class VLMConfig:
     bridge:str="mlp"
     injection:str="prefix"
     lm:str="zoo:lm"
-    vision_args:dict=field(default_factory=dict)  # keyword arguments of the encoder (open_clip: {pretrained: TAG}; hf: {layer: -2})
+    vision_layer:int|None=None  # the block whose tokens the bridge reads (-2: LLaVA's penultimate); None: the tower's own
+    vision_select:Literal["default", "full"]="default"  # LLaVA's strategy: "default" drops the CLS token, "full" keeps it
+    vision_args:dict=field(default_factory=dict)  # other keyword arguments of the encoder (open_clip: {pretrained: TAG})
     lm_args:dict=field(default_factory=dict)  # keyword arguments of the LM loader
     parts:dict=field(default_factory=dict)  # part name -> its parsed settings (only the chosen bridge's and injection's are used)
+
+def _legacy_vision_args(axes:dict, key:str)->dict:
+    "Older configs set the layer (and select) as encoder arguments, `vision_args: {layer: -2}`: read them as vision_layer."
+    args = axes.get("vision_args")
+    if not isinstance(args, dict) or not {"layer", "select"} & set(args): return axes
+    axes, args = dict(axes), dict(args)
+    for k in ("layer", "select"):
+        if k not in args: continue
+        if f"vision_{k}" in axes: raise ConfigError(f"{key}.vision_args.{k}", f"and {key}.vision_{k} both set it: keep {key}.vision_{k}")
+        axes[f"vision_{k}"] = args.pop(k)
+    return axes | {"vision_args": args}
 
 def parse_vlm_config(model_cfg:dict|VLMConfig, key:str="model")->VLMConfig:
     "Check the axis names against the registry and parse every part's sub-section; ConfigErrors name the key."
     if isinstance(model_cfg, VLMConfig): return model_cfg
     if not isinstance(model_cfg, dict): raise ConfigError(key, f"{model_cfg!r} is not a mapping")
     sub = {k: v for k, v in model_cfg.items() if k not in _AXES}
-    cfg = parse_dataclass(VLMConfig, {k: v for k, v in model_cfg.items() if k in _AXES}, key)
+    cfg = parse_dataclass(VLMConfig, _legacy_vision_args({k: v for k, v in model_cfg.items() if k in _AXES}, key), key)
     for axis, registry in (("bridge", BRIDGES), ("injection", INJECTIONS)):
         if getattr(cfg, axis) not in registry:
             raise ConfigError(f"{key}.{axis}", f"{getattr(cfg, axis)!r} is not one of {sorted(registry)}")
@@ -292,11 +315,12 @@ def parse_vlm_config(model_cfg:dict|VLMConfig, key:str="model")->VLMConfig:
         cfg.parts[name] = parse_dataclass(known[name].settings, section or {}, f"{key}.{name}")
     return cfg
 
+# %% ../nbs/05_vlm.ipynb #f9e2d2db
 def build_vlm(model_cfg:dict|VLMConfig,  # a `model:` section (see above)
               *, cache:FeatureCache|None=FEATURES)->VLM:
     "Any encoder × bridge × injection × LM, by name."
     m = parse_vlm_config(model_cfg)
-    try: vision = build_vision(m.vision, **m.vision_args)
+    try: vision = build_vision(m.vision, layer=m.vision_layer, select=m.vision_select, **m.vision_args)
     except (ValueError, FileNotFoundError) as e: raise ConfigError("model.vision", str(e)) from None
     try: lm = build_lm(m.lm, **m.lm_args)
     except (ValueError, FileNotFoundError) as e: raise ConfigError("model.lm", str(e)) from None

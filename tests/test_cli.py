@@ -130,3 +130,26 @@ def test_console_script_is_installed():
     assert exe.exists(), f"{exe} missing: run `pip install -e .`"
     r = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "--resume RUN_DIR" in r.stdout and "--set KEY=VALUE" in r.stdout
+
+
+def test_data_export_writes_a_llava_set_and_a_wrong_task_is_one_line(tmp_path, capsys):
+    import json
+    from mmbridge_ref.data.formats import LlavaJsonDataset
+    out = tmp_path / "set"
+    assert main(["data", "export", "--task", "llava_instruct", "--n", "5", "--out", str(out), "--seed", "7"]) == 0
+    assert "wrote 5 llava_instruct samples" in capsys.readouterr().out
+    records = json.loads((out / "data.json").read_text())
+    assert [r["id"] for r in records] == [f"llava_instruct-7-train-{i}" for i in range(5)]
+    assert len(list((out / "images").iterdir())) == 5 and len(list(LlavaJsonDataset(out / "data.json", out))) == 5
+    assert main(["data", "export", "-n", "5", "--out", str(tmp_path / "again"), "--seed", "7"]) == 0  # llava_instruct is the default
+    assert (tmp_path / "again" / "data.json").read_text() == (out / "data.json").read_text()
+    assert main(["data", "export", "--task", "vqa", "-n", "2", "--out", str(tmp_path / "vqa"), "--split", "test"]) == 0
+    assert json.loads((tmp_path / "vqa" / "data.json").read_text())[0]["id"] == "vqa-0-test-0"
+    capsys.readouterr()
+    assert main(["data", "export", "--task", "captions", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmbridge: data export: --task 'captions' is not one of llava_instruct, caption, vqa, dialogue, hires\n"
+    assert main(["data", "export", "--n", "0", "--out", str(tmp_path / "never")]) == 2
+    assert "-n 0 must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert main(["data", "export", "--task", "vqa"]) == 2  # argparse: --out is required

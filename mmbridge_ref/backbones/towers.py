@@ -24,11 +24,11 @@ from ..core import Attention, FeedForward, seed_everything
 from .vitamin import TinyViTamin
 
 # %% auto #0
-__all__ = ['ROOT', 'ZOO_DIR', 'SPECIAL_TOKENS', 'EXTRA_TOKENS', 'VISION_CLASSES', 'CLIP_MEAN', 'CLIP_STD', 'train_tokenizer',
-           'load_tokenizer', 'save_tokenizer', 'LanguageModel', 'tiny_lm', 'lm_loss_sum', 'count_targets',
-           'VisionEncoder', 'Block', 'conv_stem', 'TinyViT', 'OpenClipVision', 'HFVisionTower', 'freeze', 'param_table',
-           'show_params', 'list_zoo', 'load_zoo_lm', 'save_zoo_vision', 'load_zoo_vision', 'NormalizedVision',
-           'build_vision', 'build_lm']
+__all__ = ['ROOT', 'ZOO_DIR', 'SPECIAL_TOKENS', 'EXTRA_TOKENS', 'VISION_SELECT', 'VISION_CLASSES', 'CLIP_MEAN', 'CLIP_STD',
+           'train_tokenizer', 'load_tokenizer', 'save_tokenizer', 'LanguageModel', 'tiny_lm', 'lm_loss_sum',
+           'count_targets', 'VisionEncoder', 'Block', 'conv_stem', 'TinyViT', 'select_tokens', 'OpenClipVision',
+           'HFVisionTower', 'freeze', 'param_table', 'show_params', 'list_zoo', 'load_zoo_lm', 'save_zoo_vision',
+           'load_zoo_vision', 'NormalizedVision', 'build_vision', 'build_lm']
 
 # %% ../../nbs/02_backbones.ipynb #66d5c8a3
 import mmbridge_ref
@@ -194,32 +194,74 @@ class TinyViT(VisionEncoder):
         return self.proj(x.amax(1) if self.pool == "max" else x.mean(1))
 
 # %% ../../nbs/02_backbones.ipynb #04868ebe
+VISION_SELECT = ("default", "full")  # LLaVA's `vision_feature_select_strategy`
+
+def _check_select(select:str):
+    if select not in VISION_SELECT:
+        raise ValueError(f"select={select!r} is not one of {VISION_SELECT}: 'default' drops the CLS token, 'full' keeps it")
+
+def _check_layer(layer:int, low:int, high:int, what:str):
+    if not low <= layer <= high: raise ValueError(f"layer={layer} is not a layer of {what}: it takes {low}..{high}")
+
+def select_tokens(x:torch.Tensor,  # [b, 1+n, d], CLS first; or [b, n, d] from a tower without CLS
+                  select:str="default",  # "default": drop the CLS token (LLaVA); "full": keep every token
+                  *,
+                  has_cls:bool=True,  # False: the tower has no CLS token, so there is nothing to drop
+                 )->torch.Tensor:  # [b, n, d] or [b, 1+n, d]
+    "LLaVA's feature selection: the patch tokens only, or the CLS token too."
+    _check_select(select)
+    return x[:, 1:] if select == "default" and has_cls else x
+
+
+# %% ../../nbs/02_backbones.ipynb #d3973ca2
 class OpenClipVision(VisionEncoder):
-    "An open_clip image tower by model name (and optional pretrained tag); patch tokens from its last layer."
-    def __init__(self, name:str, pretrained:str|None=None):
+    "An open_clip image tower by model name (and optional pretrained tag): its final tokens, or block `layer`'s."
+    def __init__(self, name:str, pretrained:str|None=None, *,
+                 layer:int|None=None,  # None: the tower's own output (last block, final LayerNorm); an int: that block's raw output
+                 select:str="default",  # "default": no CLS; "full": CLS first
+                ):
         super().__init__()
         import open_clip
+        _check_select(select)
         self.visual = open_clip.create_model(name, pretrained=pretrained).visual
         self.visual.output_tokens = True
         size = self.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.dim = self.visual.transformer.width if hasattr(self.visual, "transformer") else None
+        if (layer is not None or select == "full") and not hasattr(self.visual, "forward_intermediates"):
+            raise ValueError(f"open_clip {name!r}: layer={layer} and select={select!r} need a ViT tower with a CLS token")
+        if layer is not None: _check_layer(layer, -len(self.visual.transformer.resblocks), len(self.visual.transformer.resblocks) - 1, f"open_clip {name!r}")
+        self.layer, self.select = layer, select
 
-    def forward(self, images): return self.visual(images)[1]   # [b, n, d], no CLS
+    def forward(self, images):
+        if self.layer is None and self.select == "default": return self.visual(images)[1]   # [b, n, d], no CLS
+        out = self.visual.forward_intermediates(images, indices=[-1 if self.layer is None else self.layer], stop_early=True,
+                                                normalize_intermediates=self.layer is None, intermediates_only=True,
+                                                output_fmt="NLC", output_extra_tokens=True)
+        x = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], 1)  # [b, 1+n, d]
+        return select_tokens(x, self.select)
     def embed(self, images): return self.visual(images)[0]     # [b, e]
 
 class HFVisionTower(VisionEncoder):
-    "A Hugging Face CLIP vision tower; patch features from `layer` (LLaVA: the penultimate), CLS dropped."
-    def __init__(self, name_or_path, layer:int=-2):
+    "A Hugging Face CLIP vision tower: `hidden_states[layer]` (LLaVA: the penultimate), CLS dropped or kept by `select`."
+    def __init__(self, name_or_path, layer:int=-2, select:str="default"):
         super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-        self.model = CLIPVisionModelWithProjection.from_pretrained(name_or_path)
-        self.layer, self.dim, self.image_size = layer, self.model.config.hidden_size, self.model.config.image_size
+        from transformers import AutoConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+        _check_select(select)
+        archs = AutoConfig.from_pretrained(name_or_path).architectures or []
+        cls = CLIPVisionModel if archs == ["CLIPVisionModel"] else CLIPVisionModelWithProjection  # LLaVA saves its tower without projection
+        self.model = cls.from_pretrained(name_or_path)
+        depth = self.model.config.num_hidden_layers  # hidden_states: the embeddings, then one per block
+        _check_layer(layer, -depth - 1, depth, f"{name_or_path} ({depth} blocks)")
+        self.layer, self.select, self.dim, self.image_size = layer, select, self.model.config.hidden_size, self.model.config.image_size
 
     def forward(self, images):
-        hs = self.model(pixel_values=images, output_hidden_states=True).hidden_states
-        return hs[self.layer][:, 1:]   # [b, 1+n, d] -> [b, n, d]
-    def embed(self, images): return self.model(pixel_values=images).image_embeds
+        hs = self.model(pixel_values=images, output_hidden_states=True).hidden_states  # each [b, 1+n, d]
+        return select_tokens(hs[self.layer], self.select)
+    def embed(self, images):
+        if not hasattr(self.model, "visual_projection"): raise ValueError("embed needs the CLIP projection; this tower was saved without one (CLIPVisionModel)")
+        return self.model(pixel_values=images).image_embeds
+
 
 # %% ../../nbs/02_backbones.ipynb #7a2248aa
 def freeze(module:nn.Module) -> nn.Module:
@@ -295,14 +337,27 @@ class NormalizedVision(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
     def forward(self, images): return self.tower((images - self.mean) / self.std)  # [b, n, d]
 
-def build_vision(spec:str="zoo", **kwargs)->nn.Module:
+def _at_layer(enc:nn.Module, layer:int|None)->nn.Module:
+    "A tower without CLS (TinyViT, TinyViTamin) reading block `layer` (None: as built)."
+    if layer is not None:
+        _check_layer(layer, -len(enc.blocks), len(enc.blocks) - 1, f"{type(enc).__name__} ({len(enc.blocks)} blocks)")
+        enc.layer = layer
+    return enc
+
+def build_vision(spec:str="zoo",
+                 *,
+                 layer:int|None=None,  # the block whose tokens `forward` returns (-2: LLaVA's penultimate); None: the tower's default
+                 select:str="default",  # "default": drop the CLS token; "full": keep it (towers without CLS: the same)
+                 **kwargs)->nn.Module:
     "A frozen vision encoder by spec (see the table); `forward(images [b, 3, H, W]) -> [b, n, d]`, with `.dim` and `.image_size`."
+    _check_select(select)
     try:
-        if spec == "zoo": enc = load_zoo_vision(**kwargs)
-        elif spec == "tiny_vit": enc = TinyViT(**kwargs)
-        elif spec == "vitamin": enc = TinyViTamin(**kwargs)
-        elif spec.startswith("open_clip:"): enc = NormalizedVision(OpenClipVision(spec.split(":", 1)[1], **kwargs))
-        elif spec.startswith("hf:") or Path(spec).is_dir(): enc = NormalizedVision(HFVisionTower(spec.removeprefix("hf:"), **kwargs))
+        if spec == "zoo": enc = _at_layer(load_zoo_vision(**kwargs), layer)
+        elif spec == "tiny_vit": enc = _at_layer(TinyViT(**kwargs), layer)
+        elif spec == "vitamin": enc = _at_layer(TinyViTamin(**kwargs), layer)
+        elif spec.startswith("open_clip:"): enc = NormalizedVision(OpenClipVision(spec.split(":", 1)[1], layer=layer, select=select, **kwargs))
+        elif spec.startswith("hf:") or Path(spec).is_dir():
+            enc = NormalizedVision(HFVisionTower(spec.removeprefix("hf:"), select=select, **({} if layer is None else {"layer": layer}), **kwargs))
         else: raise ValueError(f"vision spec {spec!r} is not zoo, tiny_vit, vitamin, open_clip:ARCH, hf:ID or an existing folder")
     except TypeError as e: raise ValueError(f"vision {spec!r}: bad keyword arguments {sorted(kwargs)}: {e}") from None
     return freeze(enc)

@@ -159,6 +159,8 @@ def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
     return out
 
 # %% ../../nbs/07_zoo_lm.ipynb #039dee10
+from ..data.chat import add_chat_templates
+
 def _zoo_config(fmt:str, tokenizer, quick:bool, run_dir:str, sets=()):
     path = ROOT / "configs" / "zoo_lm.yaml"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: build the zoo from a clone of the repository")
@@ -171,7 +173,7 @@ def _train_tokenizer(out:Path, quick:bool):
     for fmt in ("note", "bare"):
         d = LMPretrainData(fmt=fmt)
         texts += [" ".join(s for s, _ in lm_episode(rng, d)) for _ in range(500 if quick else 5000)]
-    save_tokenizer(train_tokenizer(texts, vocab_size=1024), out / "tokenizer")
+    save_tokenizer(add_chat_templates(train_tokenizer(texts, vocab_size=1024)), out / "tokenizer")  # llava_v1, plain, zoo (40_llava)
 
 def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
               *,
