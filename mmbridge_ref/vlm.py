@@ -26,7 +26,8 @@ from .train.config import ConfigError, _check, parse_dataclass
 __all__ = ['IMAGE_TOKEN', 'FEATURES', 'BRIDGES', 'INJECTIONS', 'encode_segments', 'collate_vlm', 'encoder_fingerprint',
            'FeatureCache', 'VLM', 'prompt_tokens', 'Part', 'NoSettings', 'register_bridge', 'register_injection',
            'ProjectorSettings', 'PixelShuffleSettings', 'ResamplerSettings', 'QFormerSettings', 'XAttnSettings',
-           'VLMConfig', 'parse_vlm_config', 'build_vlm', 'generate', 'sequence_logprobs', 'score', 'choose']
+           'VLMConfig', 'LMLoRASettings', 'add_lm_lora', 'parse_vlm_config', 'build_vlm', 'generate',
+           'sequence_logprobs', 'score', 'choose']
 
 # %% ../nbs/05_vlm.ipynb #3a9a2aa6
 IMAGE_TOKEN = "<image>"
@@ -271,7 +272,7 @@ register_injection("prefix")(lambda s: PrefixInjection())
 register_injection("xattn", XAttnSettings)(lambda s: XAttnInjection(every=s.every, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult, mask=s.mask))
 
 # %% ../nbs/05_vlm.ipynb #8e25f371
-_AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args")
+_AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args", "lm_lora")
 
 @dataclass
 class VLMConfig:
@@ -284,7 +285,30 @@ class VLMConfig:
     vision_select:Literal["default", "full"]="default"  # LLaVA's strategy: "default" drops the CLS token, "full" keeps it
     vision_args:dict=field(default_factory=dict)  # other keyword arguments of the encoder (open_clip: {pretrained: TAG})
     lm_args:dict=field(default_factory=dict)  # keyword arguments of the LM loader
+    lm_lora:dict|None=None  # a LoRA on the LM's linears through peft, {r, alpha, targets, dropout} (`LMLoRASettings`); None: none
     parts:dict=field(default_factory=dict)  # part name -> its parsed settings (only the chosen bridge's and injection's are used)
+
+@dataclass
+class LMLoRASettings:
+    "`model.lm_lora`: low-rank adapters on the LM's linear layers, made by peft (LLaVA's LoRA variant of stage 2)."
+    r:int=8
+    alpha:float=16.0  # the update is scaled by alpha / r
+    targets:list[str]=field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    dropout:float=0.0
+
+    def __post_init__(self):
+        _check(self.r >= 1, "r", self.r, "an integer >= 1")
+        _check(self.alpha > 0, "alpha", self.alpha, "a number > 0")
+        _check(len(self.targets) > 0, "targets", self.targets, "a non-empty list of module names, e.g. [q_proj, v_proj]")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+
+def add_lm_lora(lm:LanguageModel, s:LMLoRASettings)->LanguageModel:
+    "Wrap the named linears of `lm.model` with peft LoRA adapters (named `...lora_A...`, `...lora_B...`), in place."
+    try: from peft import LoraConfig, inject_adapter_in_model
+    except ImportError: raise ImportError("model.lm_lora needs peft: pip install peft") from None
+    try: inject_adapter_in_model(LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.targets), lora_dropout=s.dropout), lm.model)
+    except ValueError as e: raise ConfigError("model.lm_lora.targets", f"{s.targets}: {e}") from None
+    return lm
 
 def _legacy_vision_args(axes:dict, key:str)->dict:
     "Older configs set the layer (and select) as encoder arguments, `vision_args: {layer: -2}`: read them as vision_layer."
@@ -313,6 +337,7 @@ def parse_vlm_config(model_cfg:dict|VLMConfig, key:str="model")->VLMConfig:
             close = difflib.get_close_matches(name, [*_AXES, *known], n=1)
             raise ConfigError(f"{key}.{name}", f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} allowed: {[*_AXES, *sorted(known)]}")
         cfg.parts[name] = parse_dataclass(known[name].settings, section or {}, f"{key}.{name}")
+    if cfg.lm_lora is not None: cfg.lm_lora = parse_dataclass(LMLoRASettings, cfg.lm_lora, f"{key}.lm_lora")
     return cfg
 
 # %% ../nbs/05_vlm.ipynb #f9e2d2db
@@ -324,6 +349,7 @@ def build_vlm(model_cfg:dict|VLMConfig,  # a `model:` section (see above)
     except (ValueError, FileNotFoundError) as e: raise ConfigError("model.vision", str(e)) from None
     try: lm = build_lm(m.lm, **m.lm_args)
     except (ValueError, FileNotFoundError) as e: raise ConfigError("model.lm", str(e)) from None
+    if m.lm_lora is not None: add_lm_lora(lm, m.lm_lora)
     settings = lambda name, reg: m.parts.get(name) or reg[name].settings()
     injection = INJECTIONS[m.injection].build(settings(m.injection, INJECTIONS))
     dim_out = lm.dim if injection.visual_width == "lm" else vision.dim

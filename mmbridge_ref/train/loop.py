@@ -60,6 +60,8 @@ class Task:
     count:Callable[[dict], int]|None=None  # supervised targets in a (micro-)batch; default `default_count`
     evaluate:Callable[[nn.Module], dict]|None=None  # held-out metrics, every `eval_every` steps and at the end
     slice:Callable[[dict, int, int], dict]|None=None  # (batch, start, stop) -> rows start:stop; default `slice_batch`
+    report:Callable[[nn.Module, Path, dict], str]|None=None  # (model, run_dir, metrics) at the end of a finished run, process 0:
+                                                             # writes what a reader should see into run_dir, returns a text table
 
 TASKS:dict[str, Callable] = {}
 TASK_PACKAGES = ["mmbridge_ref.recipes", "mmbridge_ref.align"]  # searched, by name, for a task that is not registered yet
@@ -337,6 +339,7 @@ class RunResult:
     step:int=0  # optimizer steps taken, across stages
     stopped:bool=False  # True when train.stop_at ended the run before its last stage finished
     params:list[dict]=field(default_factory=list)  # trainable vs frozen parameters per stage (`stage_table`)
+    report:str|None=None  # what `Task.report` returned (a finished run whose task has one)
 
 @dataclass
 class _Dist:
@@ -629,6 +632,7 @@ def run(self:_Run)->RunResult:
         with self.interrupt: how = self._loop()
         if how == "done": self._evaluate(write=False)  # `finally` writes the CSV and the plot
         self._checkpoint()
+        report = self.task.report(self.model, self.run_dir, self.state.metrics) if how == "done" and self.main and self.task.report else None
     except KeyboardInterrupt:  # raised inside a step: save the state from before that step
         if self.main: self._checkpoint(rng=[self.state.rng_at_step or rng_state()])
         raise
@@ -638,7 +642,7 @@ def run(self:_Run)->RunResult:
         if self.d.world > 1: self.net = None  # drop the DDP wrapper before the process group goes
     if how == "interrupt":
         raise KeyboardInterrupt(f"interrupted after step {self.state.step}; checkpoint saved: resume with --resume {self.run_dir}")
-    return RunResult(self.run_dir, self.state.history, self.state.metrics, self.state.step, how == "stop_at", self.params)
+    return RunResult(self.run_dir, self.state.history, self.state.metrics, self.state.step, how == "stop_at", self.params, report)
 
 # %% ../../nbs/80_train.ipynb #3719e221
 def fit(cfg:Config|str|Path|dict,  # a Config (or what load_config takes)
