@@ -1099,6 +1099,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mmbridge_ref.vlm.ResamplerSettings': ('vlm.html#resamplersettings', 'mmbridge_ref/vlm.py'),
                                   'mmbridge_ref.vlm.VLM': ('vlm.html#vlm', 'mmbridge_ref/vlm.py'),
                                   'mmbridge_ref.vlm.VLM.__init__': ('vlm.html#vlm.__init__', 'mmbridge_ref/vlm.py'),
+                                  'mmbridge_ref.vlm.VLM._weights_version': ('vlm.html#vlm._weights_version', 'mmbridge_ref/vlm.py'),
                                   'mmbridge_ref.vlm.VLM.forward': ('vlm.html#vlm.forward', 'mmbridge_ref/vlm.py'),
                                   'mmbridge_ref.vlm.VLM.train': ('vlm.html#vlm.train', 'mmbridge_ref/vlm.py'),
                                   'mmbridge_ref.vlm.VLMConfig': ('vlm.html#vlmconfig', 'mmbridge_ref/vlm.py'),

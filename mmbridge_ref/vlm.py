@@ -129,7 +129,10 @@ class VLM(nn.Module):
         self.bridge, self.injection = bridge, injection  # first: their parameters are named bridge.*, injection.*
         self.vision, self.lm = freeze(vision), freeze(lm)
         injection.attach(lm, bridge.dim_out)  # e.g. xattn inserts its gated blocks into the LM's layers
-        self.cache, self.vision_id = cache, encoder_fingerprint(vision)
+        self.cache, self.vision_id, self._vision_versions = cache, encoder_fingerprint(vision), self._weights_version()
+
+    def _weights_version(self)->tuple:  # bumps whenever a weight of the tower changes in place (an optimizer step, a load)
+        return tuple(p._version for p in self.vision.parameters())
 
     def forward(self, batch:dict)->Tensor:
         "The whole idea: frozen features -> bridge -> visual tokens -> injected into the frozen LM -> the summed loss."
@@ -155,10 +158,15 @@ def prompt_tokens(batch:dict, skip:list[int|None]=())->tuple[Tensor, Tensor]:  #
     mask = torch.arange(t, device=ids.device) < n[:, None]
     return ids.gather(1, order)[:, :t].masked_fill(~mask, 0), mask
 
-@torch.no_grad()
 def _encode(self:VLM, media:list[Tensor], keys:list[str]|None)->list[Tensor]:  # [f, 3, H, W] each -> [f, n, dv] each
-    if keys is None or self.cache is None: return list(self.vision(torch.cat(media)).split([len(x) for x in media]))
-    return self.cache.features(self.vision, self.vision_id, media, keys)
+    sizes = [len(x) for x in media]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters()):
+        return list(self.vision(torch.cat(media)).split(sizes))  # a stage that trains the tower (Yi-VL): no cache, gradients flow
+    with torch.no_grad():
+        if keys is None or self.cache is None: return list(self.vision(torch.cat(media)).split(sizes))
+        if (v := self._weights_version()) != self._vision_versions:  # the tower was trained or loaded: new features, new key
+            self.vision_id, self._vision_versions = encoder_fingerprint(self.vision), v
+        return self.cache.features(self.vision, self.vision_id, media, keys)
 
 def _visual_tokens(self:VLM, batch:dict)->Tensor:  # [b, m, q, d]; zeros in padded media slots
     "Encode (frozen, cached) and bridge every real medium of the batch."

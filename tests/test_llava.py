@@ -173,3 +173,41 @@ def test_generate_cli_on_a_run_and_a_real_photo(tmp_path, capsys, one_thread):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["generate", str(run), "--image", str(tmp_path / "missing.png"), "--prompt", "hi"]) == 1
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_small_recipe_builds_and_trains_offline(tmp_path, tok, one_thread):
+    "configs/llava_small.yaml's code path (an HF CLIP tower and an HF Llama by path, LoRA, llava_v1) on tiny checkpoints."
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from mmbridge_ref.backbones.towers import HFVisionTower, tiny_lm
+    base = load_config(ROOT / "configs" / "llava_small.yaml")
+    assert base.model["vision"].startswith("hf:") and base.model["lm"].startswith("hf:") and base.model["vision_layer"] == -2
+    assert base.data["template"] == "llava_v1" and base.data["cache_features"] is False and base.model["lm_lora"]["r"] == 128
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    tiny_lm(tok, dim=32, depth=2, heads=2, max_len=512).save_pretrained(tmp_path / "lm")
+    cfg = load_config(ROOT / "configs" / "llava_small.yaml", [
+        f"model.vision={tmp_path / 'clip'}", f"model.lm={tmp_path / 'lm'}", "model.lm_lora={r: 4, alpha: 8}",
+        "data.image_size=32", "data.pool_size=16", "data.eval_size=4", "data.max_len=512", "train.batch_size=4",
+        "train.grad_accum=1", "train.device=cpu", "stages.0.steps=2", "stages.1.steps=2", "optim.warmup_steps=1",
+        "train.ckpt_every=0", "train.eval_every=0", f"train.run_dir={tmp_path}/{{name}}"])
+    task = build_task(cfg)
+    assert isinstance(task.model.vision.tower, HFVisionTower) and task.model.cache is None
+    assert task.batch(0)["pixels"].shape == (4, 1, 1, 3, 32, 32)
+    res = fit(cfg, progress=False)
+    assert res.step == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    assert res.params[1]["trainable"] > res.params[0]["trainable"]  # stage 2 adds the adapters
+    trained = load_run(res.run_dir).model.state_dict()
+    assert any("lora_B" in k and trained[k].abs().sum() > 0 for k in trained)
+
+
+def test_yi_vl_stages_train_the_tower_and_cap_the_sources(tmp_path, tok, one_thread):
+    from mmbridge_ref.recipes.llava import YIVL_ROWS
+    cfg = load_config(TINY_CONFIG, [*QUICK, *YIVL_ROWS["Yi-VL stages, tower lr x0.1"], f"train.run_dir={tmp_path}/{{name}}"])
+    before = {k: v.clone() for k, v in build_task(cfg).model.state_dict().items() if k.startswith("vision.")}
+    after = load_run(fit(cfg, progress=False).run_dir).model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the tower learnt
+    d = parse_dataclass(LlavaDataConfig, {"source_cap": 50}, "data")
+    s = LlavaStream(tok, d, [{"name": "instruct", "steps": 1}], seed=0, visual_tokens=64)
+    assert max(s.instruct.weights.values()) == pytest.approx(50 / (50 + 23 + 50 + 50 + 50))
+    with pytest.raises(ConfigError, match="source_cap"): parse_dataclass(LlavaDataConfig, {"source_cap": 0}, "data")

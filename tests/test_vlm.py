@@ -233,6 +233,28 @@ def test_cached_and_uncached_models_agree(tok):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+def test_a_model_whose_tower_changes_gets_fresh_features(tok):
+    "A trained or reloaded tower (Yi-VL trains it) must not be served the features cached for its old weights."
+    b = collate_vlm(rows(tok), tok.pad_token_id)
+    v = VLM(tiny_vision(), MLPProjector(24, 32), PrefixInjection(), tiny_lm(tok), cache=FeatureCache())
+    with torch.no_grad(): before = v(b).item()
+    with torch.no_grad():
+        for p in v.vision.parameters(): p.mul_(1.5)  # as an optimizer step or a load_state_dict would, in place
+    fresh = VLM(v.vision, v.bridge, v.injection, v.lm, cache=None)
+    with torch.no_grad(): after, want = v(b).item(), fresh(b).item()
+    assert after == pytest.approx(want, rel=1e-6) and abs(after - before) > 1e-4
+
+
+def test_a_trainable_tower_gets_gradients_and_skips_the_cache(tok):
+    b = collate_vlm(rows(tok), tok.pad_token_id)
+    cache = FeatureCache()
+    v = VLM(tiny_vision(), MLPProjector(24, 32), PrefixInjection(), tiny_lm(tok), cache=cache)
+    for p in v.vision.parameters(): p.requires_grad_(True)
+    v(b).backward()
+    grads = [p.grad for p in v.vision.parameters() if p.grad is not None]
+    assert len(grads) > 0 and sum(g.abs().sum() for g in grads) > 0 and len(cache) == 0
+
+
 # --- build_vlm ---------------------------------------------------------------------------------------------------------
 
 def test_build_vlm_names_a_bad_key_or_value():
