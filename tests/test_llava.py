@@ -211,3 +211,30 @@ def test_yi_vl_stages_train_the_tower_and_cap_the_sources(tmp_path, tok, one_thr
     s = LlavaStream(tok, d, [{"name": "instruct", "steps": 1}], seed=0, visual_tokens=64)
     assert max(s.instruct.weights.values()) == pytest.approx(50 / (50 + 23 + 50 + 50 + 50))
     with pytest.raises(ConfigError, match="source_cap"): parse_dataclass(LlavaDataConfig, {"source_cap": 0}, "data")
+
+
+RELOAD_EVAL = """
+import sys, json, torch
+torch.set_num_threads(1)
+from mmbridge_ref.train.loop import load_run
+from mmbridge_ref.train.config import parse_dataclass
+from mmbridge_ref.recipes.llava import LlavaDataConfig, llava_eval_sets, llava_evaluate, chance_levels
+model = load_run(sys.argv[1]).model
+sets = llava_eval_sets(parse_dataclass(LlavaDataConfig, {"eval_size": 60, "template": "zoo"}, "data"), 0)
+seen, blank = llava_evaluate(model, sets, "zoo"), llava_evaluate(model, sets, "zoo", blank=True)
+print(json.dumps({"seen": seen["vqa_em"], "blank": blank["vqa_em"], "chance": chance_levels(sets)["vqa_em"]}))
+"""
+
+
+def test_after_a_reload_answers_need_the_image(tmp_path, one_thread):
+    "LLaVA#784/#808: under LoRA the projector got lost on reload and answers ignored the image. Here they must not."
+    sets = ["model.lm_lora={r: 8, alpha: 16}", "stages.1.trainable=[bridge.*, '*lora_*']", "stages.1.lr_mult={}"]
+    cfg = load_config(TINY_CONFIG, [*sets, "stages.0.steps=80", "stages.1.steps=150", "data.instruct={short_answer: 1}",
+                                    "data.eval_size=0", "train.threads=1", "train.ckpt_every=0", f"train.run_dir={tmp_path}/{{name}}"])
+    run = fit(cfg, progress=False).run_dir
+    r = subprocess.run([sys.executable, "-c", RELOAD_EVAL, str(run)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["seen"] >= got["chance"] + 0.1, got  # the reloaded projector and adapters read the image
+    assert got["blank"] <= got["chance"] + 0.1 and got["seen"] >= got["blank"] + 0.15, got  # a blank image: back to about chance
+    # (+0.1: with no image the LM still knows the answers' priors, e.g. "no" to "is there a ...?")
