@@ -238,3 +238,18 @@ def test_after_a_reload_answers_need_the_image(tmp_path, one_thread):
     assert got["seen"] >= got["chance"] + 0.1, got  # the reloaded projector and adapters read the image
     assert got["blank"] <= got["chance"] + 0.1 and got["seen"] >= got["blank"] + 0.15, got  # a blank image: back to about chance
     # (+0.1: with no image the LM still knows the answers' priors, e.g. "no" to "is there a ...?")
+
+
+def test_the_stream_reads_a_parquet_file_with_llava_fields(tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from mmbridge_ref.data.formats import hf_records
+    samples = LlavaInstruct(size=4, max_objects=2).__getitems__(range(4))
+    datasets.Dataset.from_list(hf_records(samples)).to_parquet(str(tmp_path / "set.parquet"))
+    d = parse_dataclass(LlavaDataConfig, {"hf": str(tmp_path / "set.parquet"), "template": "zoo"}, "data")
+    s = LlavaStream(tok, d, [{"name": "instruct", "steps": 2}], seed=0, visual_tokens=64)
+    b = s.batch(0, 4)
+    want = [conversation_row(tok, conversations_to_messages(x["conversations"]), x["image"], "k", template="zoo",
+                             visual_tokens=64, max_len=256, name=x["id"])["input_ids"] for x in samples]
+    for i, ids in enumerate(want):
+        assert b["input_ids"][i, :len(ids)].tolist() == ids
+    assert (b["pixels"][:, 0, 0] - torch.stack([x["image"] for x in samples])).abs().max() <= 1 / 255 + 1e-6
