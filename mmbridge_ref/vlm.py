@@ -24,9 +24,9 @@ from .train.config import ConfigError, _check, parse_dataclass
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'FEATURES', 'BRIDGES', 'INJECTIONS', 'encode_segments', 'collate_vlm', 'encoder_fingerprint',
-           'FeatureCache', 'VLM', 'prompt_tokens', 'Part', 'NoSettings', 'register_bridge', 'register_injection',
-           'ProjectorSettings', 'PixelShuffleSettings', 'ResamplerSettings', 'QFormerSettings', 'XAttnSettings',
-           'VLMConfig', 'LMLoRASettings', 'add_lm_lora', 'parse_vlm_config', 'build_vlm', 'generate',
+           'FeatureCache', 'VLM', 'prompt_tokens', 'visual_token_count', 'Part', 'NoSettings', 'register_bridge',
+           'register_injection', 'ProjectorSettings', 'PixelShuffleSettings', 'ResamplerSettings', 'QFormerSettings',
+           'XAttnSettings', 'VLMConfig', 'LMLoRASettings', 'add_lm_lora', 'parse_vlm_config', 'build_vlm', 'generate',
            'sequence_logprobs', 'score', 'choose']
 
 # %% ../nbs/05_vlm.ipynb #3a9a2aa6
@@ -193,6 +193,14 @@ def _visual_tokens(self:VLM, batch:dict)->Tensor:  # [b, m, q, d]; zeros in padd
     return out
 
 VLM._encode, VLM.visual_tokens = _encode, _visual_tokens
+
+@torch.no_grad()
+def visual_token_count(vlm:VLM)->int:
+    "Visual tokens per image the LM reads (one bridge forward on a blank image)."
+    s = vlm.vision.image_size
+    blank = {"pixels": torch.zeros(1, 1, 1, 3, s, s), "frames": torch.ones(1, 1, dtype=torch.long),
+             "input_ids": torch.tensor([[vlm.lm.image_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.bool)}
+    return vlm.visual_tokens(blank).shape[2]
 
 # %% ../nbs/05_vlm.ipynb #a07ae52c
 @dataclass

@@ -253,3 +253,15 @@ def test_the_stream_reads_a_parquet_file_with_llava_fields(tok, tmp_path):
     for i, ids in enumerate(want):
         assert b["input_ids"][i, :len(ids)].tolist() == ids
     assert (b["pixels"][:, 0, 0] - torch.stack([x["image"] for x in samples])).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_bad_lora_settings_and_prompts_name_the_value(tok):
+    from mmbridge_ref.vlm import build_vlm
+    with pytest.raises(ConfigError, match="model.lm_lora.r: 0"): build_vlm({"lm_lora": {"r": 0}}, cache=None)
+    with pytest.raises(ConfigError, match=r"model.lm_lora.targets: \['nope'\]"): build_vlm({"lm_lora": {"targets": ["nope"]}}, cache=None)
+    model = build_vlm({}, cache=None)
+    with pytest.raises(ValueError, match="2 <image> for one image"):
+        answer(model, torch.rand(3, 32, 32), "<image> <image> what colour ?", template="zoo")
+    from mmbridge_ref.recipes.llava import prompt_row
+    row = prompt_row(tok, "<image> caption :", torch.rand(3, 32, 32), None, None)  # template None: the prompt is the whole text
+    assert "keys" not in row and tok.decode(row["input_ids"]).replace(" ", "") == "<s><image>caption:"  # no key: never cached

@@ -21,7 +21,8 @@ from ..data import shapesworld as sw
 from ..data.mixing import MixtureSampler
 from ..train.config import ConfigError, _check, load_config, parse_dataclass
 from ..train.loop import Task, fit_rows, register_task
-from ..vlm import BRIDGES, FEATURES, INJECTIONS, VLM, build_vlm, choose, collate_vlm, encode_segments, generate
+from ..vlm import (BRIDGES, FEATURES, INJECTIONS, VLM, build_vlm, choose, collate_vlm, encode_segments, generate,
+                              visual_token_count)
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'PAIRS_RESULT', 'prompt_answer', 'VLMDataConfig', 'encode_sample', 'VLMStream', 'eval_sets',
@@ -159,18 +160,12 @@ def pair_table(config:str|Path=TINY_CONFIG,  # the recipe every pair runs
     rows = {f"{b} × {i}": [f"model.bridge={b}", f"model.injection={i}", *extra] for b, i in pairs}
     t0, result = time.time(), fit_rows(config, rows, root=root)
     for r, (b, i) in zip(result["rows"], pairs):
-        r["visual_tokens"] = _visual_tokens(load_config(config, rows[r["row"]]).model)
+        r["visual_tokens"] = visual_token_count(build_vlm(load_config(config, rows[r["row"]]).model, cache=None))
     args = ", ".join([f"extra={list(extra)}"] * bool(extra) + [f"out={str(out)!r}"] * (out is not None))
     result |= {"command": f'python -c "from mmbridge_ref.recipes.vlm import pair_table; pair_table({args})"', "seconds": round(time.time() - t0)}
     if out is not None: Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
-def _visual_tokens(model_cfg:dict)->int:
-    "Visual tokens per image the LM reads for a `model:` section (one forward of the bridge on a blank image)."
-    m = build_vlm(model_cfg, cache=None)
-    blank = {"pixels": torch.zeros(1, 1, 1, 3, m.vision.image_size, m.vision.image_size), "frames": torch.ones(1, 1, dtype=torch.long),
-             "input_ids": torch.tensor([[m.lm.image_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.bool)}
-    return m.visual_tokens(blank).shape[2]
 
 # %% ../../nbs/06_vlm_train.ipynb #eae96cdd
 def plot_pairs(result:dict):
