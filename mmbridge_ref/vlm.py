@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.towers import LanguageModel, build_lm, build_vision, freeze, lm_loss_sum
+from .backbones.towers import LanguageModel, build_lm, build_vision, count_targets, freeze, lm_loss_sum
 from .bridges.projectors import LinearProjector, MeanPool, MLPProjector, PixelShuffleProjector
 from .bridges.qformer import QFormer, QFormerBridge, init_text_embeddings
 from .bridges.resampler import PerceiverResampler
@@ -138,7 +138,9 @@ class VLM(nn.Module):
         "The whole idea: frozen features -> bridge -> visual tokens -> injected into the frozen LM -> the summed loss."
         visual = self.visual_tokens(batch)  # [b, m, q, d]
         out = self.injection(self.lm, batch, visual, batch["frames"] > 0)  # logits [b, t', vocab] and their labels
-        return lm_loss_sum(out.logits, out.labels)
+        loss = lm_loss_sum(out.logits, out.labels)
+        if out.aux_loss is not None: loss = loss + out.aux_loss * count_targets(out.labels)  # the engine divides by targets
+        return loss
 
     def train(self, mode:bool=True):
         super().train(mode)

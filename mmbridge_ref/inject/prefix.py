@@ -76,6 +76,7 @@ class LMOutput:
     logits:Tensor  # [b, t', vocab]
     labels:Tensor|None  # [b, t'], -100 = not a target
     attention_mask:Tensor  # bool [b, t']
+    aux_loss:Tensor|None=None  # a per-token auxiliary loss, coefficient applied (MoE balancing); VLM.forward adds it
 
 class PrefixInjection(nn.Module):
     "Visual tokens replace each `<image>` placeholder in the LM's input embeddings. LLaVA (Liu et al. 2023), §4.1; BLIP-2 §3.3."
