@@ -28,9 +28,12 @@ def train(run_dir, *extra):
 
 def test_train_writes_the_run_directory(tmp_path, capsys):
     assert train(tmp_path / "r") == 0
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt", "config.yaml", "loss.png", "metrics.csv"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoint.pt", "config.yaml", "config_history", "loss.png", "metrics.csv"]
     out = capsys.readouterr().out
-    assert "toy: finished after 6 steps" in out and "acc=" in out
+    assert "r: finished after 6 steps" in out
+    header, *rows = out[out.index("metric  chance"):].splitlines()[:3]
+    assert header.split() == ["metric", "chance", "first", "(step", "6)", "last", "(step", "6)", "last", "-", "chance"]
+    assert rows[1].split()[:2] == ["acc", "0.0625"]  # the end table: each metric against its chance level
     assert [r["step"] for r in read_csv(tmp_path / "r" / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -38,7 +41,7 @@ def test_resume_from_the_command_line_matches_the_uninterrupted_run(tmp_path, ca
     assert train(tmp_path / "full") == 0
     assert train(tmp_path / "part", "train.stop_at=4") == 0
     assert "stopped at step 4" in capsys.readouterr().out
-    assert main(["train", TOY, "--no-progress", "--resume", str(tmp_path / "part"), "--set", *SHORT]) == 0
+    assert main(["train", "--no-progress", "--resume", str(tmp_path / "part")]) == 0  # the run's own config, its --sets included
     keys = ["step", "loss", "lr", "grad_norm"]
     full, resumed = (read_csv(tmp_path / d / "metrics.csv") for d in ("full", "part"))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
@@ -55,11 +58,49 @@ def test_bad_config_key_exits_2_with_one_line_and_no_traceback(tmp_path, capsys)
 def test_usage_errors_and_missing_files(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml' does not exist" in capsys.readouterr().err
-    assert main(["train"]) == 2  # argparse: CONFIG missing
+    assert main(["train"]) == 2  # neither CONFIG nor --resume
+    assert "give a CONFIG" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
-    assert main(["--help"]) == 0 and "train" in capsys.readouterr().out
-    assert main(["train", TOY, "--resume", str(tmp_path / "no_run")]) == 1
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "examples:\n  mmbridge train configs/llava_tiny.yaml" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "no_run")]) == 1
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_lists_them_and_needs_allow_changes(tmp_path, capsys):
+    assert train(tmp_path / "part", "train.stop_at=2") == 0
+    capsys.readouterr()
+    assert main(["train", TOY, "--no-progress", "--resume", str(tmp_path / "part"), "--set", *SHORT, "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.01 -> 0.5" in err and "--allow-changes" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--resume", str(tmp_path / "part"), "--set", "optim.lr=0.5"]) == 2  # --set needs the CONFIG
+    assert main(["train", TOY, "--no-progress", "--resume", str(tmp_path / "part"), "--set", *SHORT, "optim.lr=0.5", "--allow-changes"]) == 0
+    assert len(list((tmp_path / "part" / "config_history").glob("*.yaml"))) == 2
+
+
+def test_data_preview_names_the_valid_tasks(tmp_path, capsys):
+    assert main(["data", "preview", "--task", "vqq", "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "mmbridge: data preview: --task 'vqq' is not one of caption, vqa, dialogue, interleaved, clip, hires"
+    assert not (tmp_path / "p.png").exists()
+    assert main(["data", "preview", "--task", "vqa", "-n", "2", "--out", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").exists()
+
+
+def test_zoo_list_is_a_short_table_with_paths_and_figures(capsys):
+    assert main(["zoo", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["entry", "path", "steps", "seconds", "held-out"] and len(lines) == 5
+    lm = next(l for l in lines if l.startswith("lm "))
+    assert "data_samples/zoo/lm" in lm and "heldout_acc 0.902" in lm
+    assert main(["zoo", "list", "--full"]) == 0 and "ceiling:" in capsys.readouterr().out
+
+
+def test_transformers_progress_bars_are_hidden_unless_verbose(capsys):
+    import transformers
+    assert main(["zoo", "list"]) == 0
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.enable_progress_bar()
+    assert main(["--verbose", "zoo", "list"]) == 0
+    assert transformers.utils.logging.is_progress_bar_enabled()
 
 
 class _NaNLM(ToyLM):
@@ -93,7 +134,7 @@ def test_nan_loss_exits_1_and_ctrl_c_exits_130_after_saving(tmp_path, capsys):
 def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys):
     calls = []
     fake_zoo = types.SimpleNamespace(build_zoo=lambda only, quick=False, sets=(): calls.append((tuple(only), quick, *sets)) or {"lm": {"steps": 3}})
-    fake_backbones = types.SimpleNamespace(list_zoo=lambda: {"lm": {"eval_acc": 0.9}})
+    fake_backbones = types.SimpleNamespace(list_zoo=lambda: {"lm": {"heldout_acc": 0.9}}, ZOO_DIR=tmp_path / "zoo")
     fake_clip = types.SimpleNamespace(build_vision_zoo=lambda quick=False: calls.append(("vision", quick)) or {"steps": 5})
     monkeypatch.setitem(sys.modules, "mmbridge_ref.recipes.zoo", fake_zoo)
     monkeypatch.setitem(sys.modules, "mmbridge_ref.backbones.towers", fake_backbones)
@@ -104,7 +145,8 @@ def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys)
     assert main(["zoo", "build", "--only", "vision"]) == 0 and calls[4:] == [("vision", False)]
     assert "vision:\n  steps: 5" in capsys.readouterr().out
     assert main(["zoo", "build", "--only", "tokenizer"]) == 2  # not a choice: argparse's usage error
-    assert main(["zoo", "list"]) == 0 and "eval_acc: 0.9" in capsys.readouterr().out
+    assert main(["zoo", "list", "--full"]) == 0 and "heldout_acc: 0.9" in capsys.readouterr().out
+    assert main(["zoo", "list"]) == 0 and "heldout_acc 0.9" in capsys.readouterr().out
     calls.clear()
 
     def preview(task="caption", n=8):
@@ -113,7 +155,7 @@ def test_zoo_and_data_commands_call_their_modules(tmp_path, monkeypatch, capsys)
         fig.subplots().set_title(f"{task} x{n}")
         calls.append((task, n))
         return fig
-    monkeypatch.setitem(sys.modules, "mmbridge_ref.data.shapesworld", types.SimpleNamespace(preview=preview))
+    monkeypatch.setitem(sys.modules, "mmbridge_ref.data.shapesworld", types.SimpleNamespace(preview=preview, TASKS=("caption", "vqa")))
     out = tmp_path / "sub" / "p.png"
     assert main(["data", "preview", "--task", "vqa", "-n", "4", "--out", str(out)]) == 0
     assert calls[-1] == ("vqa", 4) and out.read_bytes()[:4] == b"\x89PNG"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbridge_ref.train.loop import CKPT_NAME, NonFiniteLossError, Task, build_task, default_count, fit, get_task, load_checkpoint, load_run, load_trainable, param_groups, read_csv, register_task, save_checkpoint, set_trainable, slice_batch, split_bounds, stage_table, warmup_cosine
+from mmbridge_ref.train.loop import CKPT_NAME, NonFiniteLossError, Task, plot_history, build_task, default_count, fit, get_task, load_checkpoint, load_run, load_trainable, param_groups, read_csv, register_task, save_checkpoint, set_trainable, slice_batch, split_bounds, stage_table, warmup_cosine
 from mmbridge_ref.train.config import ConfigError, OptimConfig, StageConfig, load_config
 from mmbridge_ref.recipes.toy import ToyLM, toy_lm
 
@@ -198,12 +198,66 @@ def test_resume_equals_uninterrupted(tmp_path, full, stop_at, caplog):
         assert torch.equal(params_of(rest.run_dir)[n], p), n
 
 
-def test_resume_with_a_changed_config_warns_naming_the_key(tmp_path, caplog):
+def test_resume_with_a_changed_config_is_refused_naming_the_key_unless_allowed(tmp_path, caplog):
     part = fit(toy(tmp_path, "r", "train.stop_at=1"), progress=False)
+    changed = toy(tmp_path, "elsewhere", "train.stop_at=2", "optim.lr=0.5")
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.01 -> 0.5.*--allow-changes"):
+        fit(changed, resume=part.run_dir, progress=False)
+    assert load_checkpoint(part.run_dir)["step"] == 1  # refused before anything ran
     with caplog.at_level(logging.WARNING, logger="mmbridge_ref.train.loop"):
-        fit(toy(tmp_path, "elsewhere", "train.stop_at=2", "optim.lr=0.5"), resume=part.run_dir, progress=False)
-    assert any("differs from its config.yaml: optim.lr: 0.01 -> 0.5" in r.getMessage() for r in caplog.records)
-    assert load_config(part.run_dir / "config.yaml").train.run_dir == str(part.run_dir)  # where the run really is
+        fit(changed, resume=part.run_dir, progress=False, allow_changes=True)
+    assert any("optim.lr: 0.01 -> 0.5" in r.getMessage() for r in caplog.records)
+    saved = load_config(part.run_dir / "config.yaml")
+    assert saved.train.run_dir == str(part.run_dir) and saved.optim.lr == 0.5  # the config in force, where the run really is
+    history = sorted((part.run_dir / "config_history").glob("*.yaml"))
+    assert [h.name for h in history] == ["000_start_at_step_0.yaml", "001_resume_at_step_1.yaml"]
+    assert load_config(history[0]).optim.lr == 0.01  # the original record survives
+
+
+def test_resume_alone_continues_with_the_runs_own_config_and_overrides(tmp_path):
+    sets = [*RESUME_SETS, "optim.lr=0.02", "model.dropout=0.1"]  # overrides given on the original command line
+    whole = fit(toy(tmp_path, "whole", *sets), progress=False)
+    part = fit(toy(tmp_path, "part", *sets, "train.stop_at=5"), progress=False)
+    rest = fit(resume=part.run_dir, progress=False)  # no config: the run's own, stop_at cleared
+    assert rows(rest.history) == rows(whole.history)
+    assert load_config(rest.run_dir / "config.yaml").optim.lr == 0.02
+
+
+def test_resume_checks_the_checkpoint_before_any_weights_load(tmp_path, monkeypatch):
+    import mmbridge_ref.train.loop as loop
+    def no_build(cfg): raise AssertionError("the task was built before the checkpoint was checked")
+    monkeypatch.setattr(loop, "build_task", no_build)
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        fit(resume=tmp_path / "doesnotexist", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"holds no {CKPT_NAME}"):
+        fit(resume=tmp_path / "empty", progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / CKPT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        fit(resume=tmp_path / "bad", progress=False)
+    torch.save({"step": 3}, tmp_path / "bad" / CKPT_NAME)
+    with pytest.raises(ValueError, match="lacks format, stage, params, rng"):
+        fit(resume=tmp_path / "bad", progress=False)
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, full):
+    """A hard kill (SIGKILL: no handler runs, nothing is saved at the end) between checkpoints; resume from the last one."""
+    sets = [*SHORT, *RESUME_SETS, "train.ckpt_every=2", "stages.1.steps=400", "train.log_every=1"]
+    cmd = [str(Path(sys.executable).with_name("mmbridge")), "train", str(TOY), "--no-progress", "--set", *sets, f"train.run_dir={tmp_path / 'k'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # a line per step: kill once step 9 is done (after the checkpoint of step 8)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 9:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_checkpoint(tmp_path / "k")["step"]
+    assert 8 <= saved < 404 and saved % 2 == 0, saved
+    rest = fit(resume=tmp_path / "k", progress=False)
+    whole = fit(load_config(TOY, [*sets, f"train.run_dir={tmp_path / 'whole'}"]), progress=False)
+    assert rows(rest.history) == rows(whole.history)  # loss, lr, grad norm at every step, exactly
 
 
 @register_task("test_sigint_lm")
@@ -233,7 +287,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_is_exact(tmp_path, full, task, sav
         fit(toy(tmp_path, "int", *sets, f"task={task}"), progress=False)
     assert signal.getsignal(signal.SIGINT) is handler  # fit put the Ctrl-C handler back
     assert load_checkpoint(tmp_path / "int")["step"] == saved_step
-    rest = fit(toy(tmp_path, "int", *sets), resume=tmp_path / "int", progress=False)
+    with pytest.raises(ConfigError, match="task: 'test_.*_lm' -> 'toy_lm'"):  # another task: refused unless confirmed
+        fit(toy(tmp_path, "int", *sets), resume=tmp_path / "int", progress=False)
+    rest = fit(toy(tmp_path, "int", *sets), resume=tmp_path / "int", progress=False, allow_changes=True)
     assert rows(rest.history) == rows(full.history)
 
 
@@ -365,3 +421,44 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path):
     close_rows(read_csv(tmp_path / "ddp" / "metrics.csv"), one.history)
     for n, p in params_of(one.run_dir).items():
         torch.testing.assert_close(ckpt["params"][n], p, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- what a run reports
+
+def test_end_table_has_chance_first_and_last_value_and_the_plot_draws_every_metric(tmp_path):
+    res = fit(toy(tmp_path, "sum", "train.eval_at_start=true", "train.eval_every=5"), progress=False)
+    assert res.history[0]["step"] == 0 and res.history[0].get("loss") is None and "eval_acc" in res.history[0]
+    assert len(res.history) == 11  # the row of step 0 holds the first evaluation only
+    table = {r["metric"]: r for r in res.summary}
+    assert table["acc"]["chance"] == 0.0625  # 1 / vocab_size
+    assert table["acc"]["first (step 0)"] == round(res.history[0]["eval_acc"], 4)
+    assert table["acc"]["last (step 10)"] == round(res.metrics["acc"], 4) and table["loss"]["chance"] == "-"
+    assert table["acc"]["last - chance"] == f"{res.metrics['acc'] - 0.0625:+.4f}"
+    fig = plot_history(res.history, chance={"acc": 0.0625})
+    panels = fig.axes
+    assert len(panels) == 3 and [l.get_label() for l in panels[2].get_lines() if not l.get_label().startswith("_")] == ["acc"]
+    assert any(list(l.get_ydata()) == [0.0625, 0.0625] for l in panels[2].get_lines())  # the chance line
+    # resumed: the step-0 row comes back from metrics.csv and evaluation at start does not run again
+    part = fit(toy(tmp_path, "sum2", "train.eval_at_start=true", "train.stop_at=3"), progress=False)
+    rest = fit(resume=part.run_dir, progress=False)
+    assert [r["step"] for r in rest.history] == list(range(11)) and rest.summary[0]["first (step 0)"] == table["loss"]["first (step 0)"]
+
+
+def test_tensorboard_events_are_written_and_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    res = fit(toy(tmp_path, "tb", "train.loggers=[csv, tensorboard]", "train.eval_every=5"), progress=False)
+    acc = EventAccumulator(str(res.run_dir / "tensorboard"))
+    acc.Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in res.history]
+    assert [e.step for e in acc.Scalars("eval/acc")] == [5, 10]
+    assert acc.Scalars("eval/acc")[-1].value == pytest.approx(res.metrics["acc"], rel=1e-6)
+    assert (res.run_dir / "metrics.csv").exists()  # the CSV stays
+
+
+def test_unknown_logger_and_missing_wandb_are_config_errors(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="train.loggers: 'mlflow'.*csv, tensorboard, wandb"):
+        toy(tmp_path, "x", "train.loggers=[csv, mlflow]")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match="wandb is not installed"):
+        fit(toy(tmp_path, "w", "train.loggers=[csv, wandb]"), progress=False)

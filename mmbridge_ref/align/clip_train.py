@@ -5,6 +5,7 @@
 # %% ../../nbs/12_clip_train.ipynb #586a3fc4
 from __future__ import annotations
 import functools, json, math, random, time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,9 +26,9 @@ from ..train.loop import Task, load_checkpoint, parse_dataclass, register_task
 __all__ = ['TINY_CONFIG', 'TABLE_ROWS', 'caption_groups', 'contrastive_loss', 'TextBlock', 'TextTower', 'tokenize',
            'clip_tokenizer', 'CLIPModel', 'ClipModelConfig', 'ClipDataConfig', 'build_clip_vision', 'build_clip',
            'OpenClipImage', 'OpenClipText', 'open_clip_towers', 'load_text_tower', 'text_batch', 'shape_groups',
-           'clip_batch', 'clip_eval_sets', 'attribute_prompts', 'zero_shot', 'recall_at_k', 'clip_evaluate',
-           'clip_task', 'clip_table', 'build_vision_zoo', 'save_zoo_text', 'load_zoo_clip', 'shard_urls',
-           'shard_batches', 'write_shards']
+           'clip_batch', 'clip_eval_sets', 'attribute_prompts', 'zero_shot', 'recall_at_k', 'recall_chance',
+           'clip_chance', 'clip_evaluate', 'clip_task', 'clip_table', 'build_vision_zoo', 'save_zoo_text',
+           'load_zoo_clip', 'shard_urls', 'shard_batches', 'write_shards']
 
 # %% ../../nbs/12_clip_train.ipynb #6dc5c222
 def caption_groups(texts:list[str])->Tensor:  # [b] integers, equal where the captions are identical
@@ -315,6 +316,20 @@ def recall_at_k(sim:Tensor, texts:list[str], ks=(1, 5))->dict:
         out[f"t2i_r{k}"] = same.gather(1, sim.T.topk(k_, dim=1).indices).any(1).float().mean().item()
     return out
 
+def recall_chance(texts:list[str], ks=(1, 5))->dict:
+    "R@k of a random ranking: a row hits unless all k picks miss its m identical captions, 1 - C(N-m, k) / C(N, k)."
+    n, same = len(texts), Counter(texts)
+    hit = lambda m, k: 1 - math.comb(n - m, min(k, n)) / math.comb(n, min(k, n))
+    return {f"{d}_r{k}": sum(hit(same[t], k) for t in texts) / n for k in ks for d in ("i2t", "t2i")}
+
+def clip_chance(sets:dict)->dict:
+    "Chance levels of `clip_evaluate`: one colour or shape in so many, and retrieval by a random ranking."
+    attrs, out = attribute_prompts()[1], {}
+    for tag in ("", "_comp"):
+        out |= {f"{a}_acc{tag}": 1 / len(set(attrs[a])) for a in ("colour", "shape")}
+        out |= {f"{k}{tag}": v for k, v in recall_chance(sets["scenes" + tag]["text"]).items()}
+    return out
+
 @torch.no_grad()
 def clip_evaluate(model:CLIPModel, tok, sets:dict, max_len:int=64)->dict:
     "Zero-shot colour / shape accuracy on single objects, retrieval R@1/R@5 on scenes; `_comp` = held-out pairs."
@@ -356,7 +371,8 @@ def clip_task(cfg)->Task:
                                         random.Random(f"shape-groups|{cfg.train.seed}|{step}"))
     sets = clip_eval_sets(d, cfg.train.seed) if d.eval_size else None
     return Task(model=model, batch=batch, count=lambda batch: batch["images"].shape[0],
-                evaluate=None if sets is None else (lambda model: clip_evaluate(model, tok, sets, d.max_len)))
+                evaluate=None if sets is None else (lambda model: clip_evaluate(model, tok, sets, d.max_len)),
+                chance=None if sets is None else clip_chance(sets))
 
 # %% ../../nbs/12_clip_train.ipynb #402bd1e4
 TABLE_ROWS = {  # row -> changes to configs/clip_tiny.yaml (a conv-stem ViT); every row the same steps and batch

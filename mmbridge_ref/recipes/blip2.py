@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..align.clip_train import recall_at_k
+from ..align.clip_train import recall_at_k, recall_chance
 from ..backbones.towers import ROOT, count_targets
 from ..bridges.qformer import OBJECTIVES, QFormerPretrainer, itc_similarity
 from ..data import shapesworld as sw
 from ..data.mixing import MixtureSampler, mixture_weights
-from .vlm import VLMDataConfig, eval_sets as vlm_eval_sets, vlm_evaluate
+from .vlm import VLMDataConfig, eval_sets as vlm_eval_sets, vlm_chance, vlm_evaluate
 from ..train.config import ConfigError, parse_dataclass
 from ..train.loop import CKPT_NAME, Task, fit_rows, load_trainable, register_task
 from ..vlm import FEATURES, VLM, build_vlm, collate_vlm, encode_segments, generate
@@ -322,7 +322,8 @@ def blip2_task(cfg)->Task:
         what = [w for w in d.eval if w in ("retrieval", "itm") or not in_stage1]
         return model.pop_log() | blip2_evaluate(model, sets, what)
     return Task(model=model, batch=batch, count=lambda bt: count_targets(bt["labels"]) if bt["objective"] == "lm" else len(bt["text"]),
-                evaluate=None if sets is None else evaluate)
+                evaluate=None if sets is None else evaluate,
+                chance=None if sets is None else vlm_chance(sets) | recall_chance([s["text"] for s in sets["caption"]["plans"]]) | {"itm_acc": 0.5})
 
 # %% ../../nbs/31_qformer_train.ipynb #58a5e14d
 ABLATION = {"ITC+ITM+ITG": "itc+itm+itg", "without ITC": "itm+itg", "without ITM": "itc+itg", "without ITG": "itc+itm"}

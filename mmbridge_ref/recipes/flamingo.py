@@ -162,7 +162,8 @@ def flamingo_task(cfg)->Task:
     stream = FlamingoStream(tok, d.weights, seed=cfg.train.seed, pool_size=d.pool_size, **kw)
     sets = {k: eval_set(k, tok, d.eval_size, seed=cfg.train.seed + 1_000_003, **kw) for k in d.eval_sets} if d.eval_size else {}
     return Task(model=model, batch=lambda step: stream.batch(step, cfg.train.batch_size),
-                count=lambda batch: count_targets(batch["labels"]), evaluate=lambda m: flamingo_evaluate(m, sets))
+                count=lambda batch: count_targets(batch["labels"]), evaluate=lambda m: flamingo_evaluate(m, sets),
+                chance={k: v for k, v in CHANCE.items() if k.removesuffix("_acc").removesuffix("_axis") in sets})
 
 # %% ../../nbs/22_flamingo_train.ipynb #3639444d
 RESULTS = ROOT / "data_samples" / "results" / "flamingo.json"

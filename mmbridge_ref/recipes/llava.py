@@ -228,7 +228,7 @@ def llava_task(cfg)->Task:
     return Task(model=model, batch=lambda step: stream.batch(step, cfg.train.batch_size),
                 count=lambda b: count_targets(b["labels"]),
                 evaluate=None if sets is None else (lambda m: llava_evaluate(m, sets, d.template)),
-                report=None if sets is None else llava_report(sets, d.template))
+                report=None if sets is None else llava_report(sets, d.template), chance=None if sets is None else chance_levels(sets))
 
 # %% ../../nbs/40b_llava_train.ipynb #fd413017
 def _sample_grid(model:VLM, sets:dict, template:str, path:Path, n:int=8)->Path:

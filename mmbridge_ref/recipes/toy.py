@@ -98,4 +98,5 @@ def toy_lm(cfg:Config)->Task:
         out = make(step)
         if step in d.unsupervised_batches: out["labels"].fill_(-100)
         return out
-    return Task(model=ToyLM(m.vocab_size, m.dim, m.dropout), batch=batch, evaluate=partial(_toy_eval, batches=held_out))
+    return Task(model=ToyLM(m.vocab_size, m.dim, m.dropout), batch=batch, evaluate=partial(_toy_eval, batches=held_out),
+                chance={"acc": 1 / m.vocab_size})  # a uniform guess over the vocabulary

@@ -26,7 +26,7 @@ from ..vlm import (BRIDGES, FEATURES, INJECTIONS, VLM, build_vlm, choose, collat
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'PAIRS_RESULT', 'prompt_answer', 'VLMDataConfig', 'encode_sample', 'VLMStream', 'eval_sets',
-           'vlm_evaluate', 'vlm_task', 'pair_table', 'plot_pairs']
+           'vlm_chance', 'vlm_evaluate', 'vlm_task', 'pair_table', 'plot_pairs']
 
 # %% ../../nbs/06_vlm_train.ipynb #8d46edf4
 def prompt_answer(plan:dict)->tuple[str, str]:
@@ -99,6 +99,13 @@ def _chunks(model:VLM, rows:list[dict], size:int=64):
     for a in range(0, len(rows), size):
         yield {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate_vlm(rows[a:a + size], model.lm.tokenizer.pad_token_id).items()}
 
+def vlm_chance(sets:dict|None)->dict:
+    "What a uniform guess over each question's candidate answers scores on the VQA metrics of `vlm_evaluate`."
+    if not sets or "vqa" not in sets: return {}
+    kinds = [p["meta"]["kind"] for p in sets["vqa"]["plans"]]
+    mean = lambda ks: sum(1 / len(sw.ANSWERS[k]) for k in ks) / max(len(ks), 1)
+    return {"vqa_em": mean(kinds), "vqa_mc": mean(kinds)} | {f"vqa_em_{k}": mean([k]) for k in sorted(set(kinds))}
+
 @torch.no_grad()
 def vlm_evaluate(model:VLM, sets:dict, what=("loss", "vqa", "caption"))->dict:
     "Held-out loss per target, VQA exact match and multiple choice (overall and per kind), caption accuracy."
@@ -144,7 +151,7 @@ def vlm_task(cfg)->Task:
     sets = eval_sets(tok, d, cfg.train.seed) if d.eval_size else None
     return Task(model=model, batch=lambda step: stream.batch(step, cfg.train.batch_size),
                 count=lambda batch: count_targets(batch["labels"]),
-                evaluate=None if sets is None else (lambda m: vlm_evaluate(m, sets, d.eval)))
+                evaluate=None if sets is None else (lambda m: vlm_evaluate(m, sets, d.eval)), chance=vlm_chance(sets))
 
 # %% ../../nbs/06_vlm_train.ipynb #0995eecc
 PAIRS_RESULT = ROOT / "data_samples" / "results" / "vlm_pairs.json"

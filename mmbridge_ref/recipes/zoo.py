@@ -127,7 +127,7 @@ def lm_pretrain_task(cfg)->Task:
     lm.model.config._attn_implementation = "eager"  # short packed rows with a 4-D mask: faster than SDPA on a CPU
     held = [lm_batch(tok, d, cfg.train.seed, i, 16, stream="eval") for i in range(d.eval_batches)]
     return Task(model=CausalLMObjective(lm), batch=lambda step: lm_batch(tok, d, cfg.train.seed, step, cfg.train.batch_size),
-                count=lambda b: count_targets(b["labels"]), evaluate=lambda model: lm_eval(model, held))
+                count=lambda b: count_targets(b["labels"]), evaluate=lambda model: lm_eval(model, held), chance={"acc": 1 / len(tok)})
 
 # %% ../../nbs/07_zoo_lm.ipynb #f687cf43
 @torch.no_grad()
