@@ -462,3 +462,23 @@ def test_unknown_logger_and_missing_wandb_are_config_errors(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(ConfigError, match="wandb is not installed"):
         fit(toy(tmp_path, "w", "train.loggers=[csv, wandb]"), progress=False)
+
+
+CALLS = []
+
+
+@register_task("test_on_stage_lm")
+def _on_stage_task(cfg):
+    base = toy_lm(cfg)
+    return Task(model=base.model, batch=base.batch, evaluate=base.evaluate, on_stage=lambda i, fresh: CALLS.append((i, fresh)))
+
+
+def test_on_stage_runs_before_each_stage_and_knows_a_resumed_one(tmp_path):
+    CALLS.clear()
+    part = fit(toy(tmp_path, "s", "task=test_on_stage_lm", "train.stop_at=6"), progress=False)  # stage 1 starts at step 4
+    assert CALLS == [(0, True), (1, True)]
+    fit(resume=part.run_dir, progress=False)
+    assert CALLS[2:] == [(1, False)]  # re-entered midway: not a fresh stage
+    CALLS.clear()
+    fit(resume=fit(toy(tmp_path, "b", "task=test_on_stage_lm", "train.stop_at=4"), progress=False).run_dir, progress=False)
+    assert CALLS == [(0, True), (1, True)]  # stopped exactly at the boundary: stage 1 starts fresh on resume

@@ -64,6 +64,8 @@ class Task:
     report:Callable[[nn.Module, Path, dict], str]|None=None  # (model, run_dir, metrics) at the end of a finished run, process 0:
                                                              # writes what a reader should see into run_dir, returns a text table
     chance:dict[str, float]|None=None  # what uniform guessing scores on each metric of `evaluate` that has a chance level
+    on_stage:Callable[[int, bool], None]|None=None  # (stage index, fresh) before a stage's parameters are set trainable;
+                                                    # fresh=False when a resumed run re-enters the stage midway (MoE upcycling)
 
 TASKS:dict[str, Callable] = {}
 TASK_PACKAGES = ["mmbridge_ref.recipes", "mmbridge_ref.align"]  # searched, by name, for a task that is not registered yet
@@ -537,6 +539,7 @@ class _Run:
 def _enter_stage(self:_Run, i:int):
     "Freeze/unfreeze by the stage's patterns, build its AdamW and schedule (restored on resume), wrap in DDP."
     stage, o = self.cfg.stages[i], self.cfg.optim
+    if self.task.on_stage: self.task.on_stage(i, self.state.step == self.starts[i])
     set_trainable(self.model, stage.trainable, f"stages.{i}.trainable")
     self.opt = torch.optim.AdamW(param_groups(self.model, stage, o, f"stages.{i}.lr_mult"), lr=o.lr, betas=o.betas, eps=o.eps)
     self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, partial(
