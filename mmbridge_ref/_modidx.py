@@ -793,6 +793,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                          'mmbridge_ref.inject.moe._from_dense': ('moe.html#_from_dense', 'mmbridge_ref/inject/moe.py'),
                                          'mmbridge_ref.inject.moe._layers': ('moe.html#_layers', 'mmbridge_ref/inject/moe.py'),
                                          'mmbridge_ref.inject.moe._routed': ('moe.html#_routed', 'mmbridge_ref/inject/moe.py'),
+                                         'mmbridge_ref.inject.moe._set_routing': ('moe.html#_set_routing', 'mmbridge_ref/inject/moe.py'),
                                          'mmbridge_ref.inject.moe._token_weights': ( 'moe.html#_token_weights',
                                                                                      'mmbridge_ref/inject/moe.py'),
                                          'mmbridge_ref.inject.moe.copy_to_mixtral': ( 'moe.html#copy_to_mixtral',

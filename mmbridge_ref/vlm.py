@@ -20,6 +20,8 @@ from .bridges.qformer import QFormer, QFormerBridge, init_text_embeddings
 from .bridges.resampler import PerceiverResampler
 from .inject.prefix import LMOutput, PrefixInjection, splice_visual_tokens
 from .inject.xattn import XAttnInjection
+from .inject.moe import MoESettings, moe_injection
+from .inject.adapters import LaVINSettings, lavin_injection
 from .train.config import ConfigError, _check, parse_dataclass
 
 # %% auto #0
@@ -288,6 +290,8 @@ def _qformer(s, *, dim_in, dim_out, lm):
 
 register_injection("prefix")(lambda s: PrefixInjection())
 register_injection("xattn", XAttnSettings)(lambda s: XAttnInjection(every=s.every, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult, mask=s.mask))
+register_injection("moe", MoESettings)(moe_injection)  # MoE-LLaVA: the LM's FFNs upcycled into routed experts (50_moe)
+register_injection("lavin", LaVINSettings)(lavin_injection)  # LaVIN: modality-routed adapters in the frozen LM (51_lavin)
 
 # %% ../nbs/05_vlm.ipynb #8e25f371
 _AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args", "lm_lora")

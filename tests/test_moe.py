@@ -472,3 +472,25 @@ def test_injection_refuses_a_second_attach_and_a_forward_before_attach(tok):
     with pytest.raises(ValueError, match="call attach"): inj(tiny_lm(tok), batch(tok), torch.zeros(3, 2, 4, 32), torch.ones(3, 2, dtype=torch.bool))
     vlm = tiny_vlm(tok, inj)
     with pytest.raises(ValueError, match="attached to an LM already"): inj.attach(vlm.lm, 32)
+
+
+def test_routing_off_is_the_dense_lm_and_fresh_on_recopies_expert_zero(tok):
+    """MoE-Tuning: stages I and II run expert 0 (the dense FFN) with no router and no aux loss; stage III re-upcycles."""
+    b = batch(tok)
+    moe, prefix = tiny_vlm(tok, MoEInjection(4, 2, aux="switch", aux_coef=0.5)), tiny_vlm(tok, PrefixInjection())
+    moe.injection.set_routing(False)
+    with torch.no_grad():
+        for m in moe.injection.moe: m.gate_proj[1:].normal_(); m.router.weight.normal_()  # unused while routing is off
+        assert torch.allclose(moe(b), prefix(b), atol=1e-4)  # no aux loss added, the FFN is expert 0
+        out = moe.injection(moe.lm, b, moe.visual_tokens(b), b["frames"] > 0)
+    assert out.aux_loss is None and moe.injection.moe[0].last_router_logits is None
+    moe.zero_grad(); moe(b).backward()
+    m0 = moe.injection.moe[0]
+    assert m0.gate_proj.grad[0].abs().sum() > 0 and m0.gate_proj.grad[1:].abs().sum() == 0 and m0.router.weight.grad is None
+    with torch.no_grad(): m0.gate_proj[0].add_(0.1)  # stage II trained the FFN
+    trained = m0.gate_proj[0].clone()
+    moe.injection.set_routing(True, fresh=False)  # a resumed stage III keeps its experts
+    assert not torch.equal(m0.gate_proj[1], trained)
+    moe.injection.set_routing(True, fresh=True)  # a fresh stage III copies the trained FFN into every expert
+    assert all(torch.equal(m0.gate_proj[e], trained) for e in range(4))
+    with torch.no_grad(): assert moe.injection(moe.lm, b, moe.visual_tokens(b), b["frames"] > 0).aux_loss is not None

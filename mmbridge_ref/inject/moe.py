@@ -76,9 +76,13 @@ class MoEFeedForward(nn.Module):
         self.layer_index:int|None = None  # the decoder layer whose FFN this replaced (set by `upcycle_lm`)
         self.last_router_logits:Tensor|None = None  # [t, e] of the last forward
         self.last_dropped = 0  # assignments over capacity in the last forward
+        self.dense = False  # True: expert 0 alone, for every token, no router (MoE-Tuning's stages I and II)
 
     def forward(self, x:Tensor)->Tensor:  # [b, t, d] -> [b, t, d]
         flat = x.reshape(-1, x.shape[-1])  # [t, d]
+        if self.dense:
+            self.last_router_logits, self.last_dropped = None, 0
+            return self.run_experts(flat, torch.tensor([len(flat)] + [0] * (self.num_experts - 1))).reshape(x.shape)
         self.last_router_logits = logits = self.router(flat)
         weights, experts = route(logits, self.top_k)
         capacity = expert_capacity(len(flat), self.num_experts, self.top_k, self.capacity_factor)
@@ -264,6 +268,7 @@ class MoEInjection(PrefixInjection):
     def forward(self, lm:nn.Module, batch:dict, visual:Tensor, media_mask:Tensor)->LMOutput:
         "Splice, run the LM, then the balancing loss and routing statistics over the real tokens."
         if not len(self.moe): raise ValueError("MoEInjection has no MoE layers: call attach(lm, dim_visual) first")
+        if self.moe[0].dense: return super().forward(lm, batch, visual, media_mask)  # stages I and II: the dense LM
         ids = batch["input_ids"]
         s = splice_visual_tokens(lm.embed(ids), ids, visual, lm.image_token_id, attention_mask=batch.get("attention_mask"),
                                  labels=batch.get("labels"), media_mask=media_mask)
@@ -305,6 +310,19 @@ def moe_injection(s:MoESettings)->MoEInjection:
     "The injection a `moe:` config section describes."
     return MoEInjection(s.num_experts, s.top_k, s.every, first=s.first, aux=s.aux, aux_coef=s.aux_coef, z_coef=s.z_coef,
                         capacity_factor=s.capacity_factor)
+
+# %% ../../nbs/50_moe.ipynb #dc872264
+@torch.no_grad()
+def _set_routing(self:MoEInjection, on:bool, fresh:bool=True):
+    "Routing on (stage III; `fresh`: experts re-copied from expert 0, routers redrawn) or off (expert 0 = the dense FFN)."
+    for m in self.moe:
+        if on and fresh:
+            for w in (m.gate_proj, m.up_proj, m.down_proj): w.copy_(w[:1].expand_as(w))
+            nn.init.normal_(m.router.weight, std=0.02)
+        m.dense = not on
+    self.last_stats = None
+
+MoEInjection.set_routing = _set_routing
 
 # %% ../../nbs/50_moe.ipynb #291f345e
 @dataclass

@@ -198,6 +198,7 @@ def parse_dataclass(cls:type,  # the dataclass to build
             raise ConfigError(_join(where, f.name), f"missing (required: {_type_name(hints[f.name])})")
     try: return cls(**kw)
     except ConfigError as e: raise ConfigError(_join(where, e.key), e.msg) from None
+    except ValueError as e: raise ConfigError(where, str(e)) from None  # a part's own check (inject/ cannot import ConfigError)
 
 # %% ../../nbs/81_config.ipynb #b911d298
 def apply_override(d:dict,  # a nested config dict, changed in place
