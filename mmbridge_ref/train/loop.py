@@ -694,11 +694,11 @@ def _log_progress(self:_Run):
 def _loop(self:_Run)->str:
     "Run the stages from the current step; returns 'done', 'stop_at' or 'interrupt'."
     t = self.cfg.train
-    if t.eval_at_start and self.state.step == 0: self._evaluate()
     for i, stage in enumerate(self.cfg.stages):
         if self.state.step >= self.starts[i + 1]: continue
         if reason := self._should_stop(): return reason
         self._enter_stage(i)
+        if t.eval_at_start and self.state.step == 0: self._evaluate()  # inside the first stage (its `on_stage` has run)
         while self.state.step < self.starts[i + 1]:
             if reason := self._should_stop(): return reason
             self._train_step()
