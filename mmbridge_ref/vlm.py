@@ -18,6 +18,7 @@ from .backbones.towers import LanguageModel, build_lm, build_vision, count_targe
 from .bridges.projectors import LinearProjector, MeanPool, MLPProjector, PixelShuffleProjector
 from .bridges.qformer import QFormer, QFormerBridge, init_text_embeddings
 from .bridges.resampler import PerceiverResampler
+from .bridges.tiling import AnyResBridge, FuyuBridge, MonkeyBridge, TiledVision, TilingSettings, UHDBridge
 from .inject.prefix import LMOutput, PrefixInjection, splice_visual_tokens
 from .inject.xattn import XAttnInjection
 from .inject.moe import MoESettings, moe_injection
@@ -82,6 +83,7 @@ def encoder_fingerprint(encoder:nn.Module)->str:
     h = hashlib.sha1(type(encoder).__name__.encode())
     h.update(repr([(name, getattr(m, "layer", None), getattr(m, "select", None)) for name, m in encoder.named_modules()
                    if isinstance(getattr(m, "layer", None), int) or isinstance(getattr(m, "select", None), str)]).encode())
+    if hasattr(encoder, "cache_tag"): h.update(encoder.cache_tag.encode())  # e.g. a `TiledVision`'s crops: same weights, other features
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode()); h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -188,6 +190,7 @@ def _visual_tokens(self:VLM, batch:dict)->Tensor:  # [b, m, q, d]; zeros in padd
         if getattr(self.bridge, "reads_text", False):  # InstructBLIP: the row's prompt is the instruction
             ids, mask = prompt_tokens(batch, skip=[self.lm.tokenizer.bos_token_id, self.lm.image_token_id])
             extra["text"] = (ids[real[ks, 0]], mask[real[ks, 0]])
+        if getattr(self.bridge, "reads_size", False): extra["image_size"] = tuple(pixels.shape[-2:])  # a tiling bridge's crop layout
         for k, y in zip(ks, self.bridge(torch.stack([feats[k] for k in ks]), **extra)): tokens[k] = y
     if len({y.shape for y in tokens}) > 1:
         raise ValueError(f"{type(self.bridge).__name__} gives {sorted({y.shape[0] for y in tokens})} tokens for media of "
@@ -212,6 +215,7 @@ class Part:
     "A registered bridge or injection: how to build it, and the dataclass of its settings."
     build:Callable
     settings:type
+    tiling:str|None=None  # a bridge that reads tiled crops: the `model.tiling.mode` it needs
 
 BRIDGES:dict[str, Part] = {}
 INJECTIONS:dict[str, Part] = {}
@@ -220,9 +224,11 @@ INJECTIONS:dict[str, Part] = {}
 class NoSettings:
     "A part with nothing to set."
 
-def register_bridge(name:str, settings:type=NoSettings):
+def register_bridge(name:str, settings:type=NoSettings,
+                    tiling:str|None=None,  # the crops it reads (`TilingSettings.mode`); its builder then also gets `layout`
+                   ):
     "Decorator: `fn(settings, *, dim_in, dim_out, lm) -> nn.Module` becomes the bridge `name`."
-    def deco(fn): BRIDGES[name] = Part(fn, settings); return fn
+    def deco(fn): BRIDGES[name] = Part(fn, settings, tiling); return fn
     return deco
 
 def register_injection(name:str, settings:type=NoSettings):
@@ -288,13 +294,27 @@ def _qformer(s, *, dim_in, dim_out, lm):
     if s.text_init == "lm": init_text_embeddings(qf, lm.model.get_input_embeddings().weight)
     return QFormerBridge(qf, dim_out, instruction=s.instruction, cls_id=len(lm.tokenizer))  # [CLS] follows the LM's vocabulary
 
+@register_bridge("anyres", tiling="anyres")  # LLaVA-NeXT (41_high_res)
+def _anyres(s, *, dim_in, dim_out, lm, layout): return AnyResBridge(dim_in, dim_out, layout=layout)
+
+@register_bridge("uhd", ResamplerSettings, tiling="uhd")  # LLaVA-UHD: num_latents tokens per slice
+def _uhd(s, *, dim_in, dim_out, lm, layout):
+    return UHDBridge(dim_in, dim_out, layout=layout, num_latents=s.num_latents, depth=s.depth, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult)
+
+@register_bridge("monkey", ResamplerSettings, tiling="monkey")  # Monkey: num_latents tokens per view; the LoRAs are model.tiling's
+def _monkey(s, *, dim_in, dim_out, lm, layout):
+    return MonkeyBridge(dim_in, dim_out, layout=layout, num_latents=s.num_latents, depth=s.depth, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult)
+
+@register_bridge("fuyu", tiling="patches")  # Fuyu / OtterHD: raw patches, no tower
+def _fuyu(s, *, dim_in, dim_out, lm, layout): return FuyuBridge(dim_in, dim_out, layout=layout)
+
 register_injection("prefix")(lambda s: PrefixInjection())
 register_injection("xattn", XAttnSettings)(lambda s: XAttnInjection(every=s.every, heads=s.heads, dim_head=s.dim_head, ff_mult=s.ff_mult, mask=s.mask))
 register_injection("moe", MoESettings)(moe_injection)  # MoE-LLaVA: the LM's FFNs upcycled into routed experts (50_moe)
 register_injection("lavin", LaVINSettings)(lavin_injection)  # LaVIN: modality-routed adapters in the frozen LM (51_lavin)
 
 # %% ../nbs/05_vlm.ipynb #8e25f371
-_AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args", "lm_lora")
+_AXES = ("vision", "bridge", "injection", "lm", "vision_layer", "vision_select", "vision_args", "lm_args", "lm_lora", "tiling")
 
 @dataclass
 class VLMConfig:
@@ -308,6 +328,7 @@ class VLMConfig:
     vision_args:dict=field(default_factory=dict)  # other keyword arguments of the encoder (open_clip: {pretrained: TAG})
     lm_args:dict=field(default_factory=dict)  # keyword arguments of the LM loader
     lm_lora:dict|None=None  # a LoRA on the LM's linears through peft, {r, alpha, targets, dropout} (`LMLoRASettings`); None: none
+    tiling:dict|None=None  # high-resolution crops for the tower (`TilingSettings`, 41_high_res); None: the tower reads the image as it is
     parts:dict=field(default_factory=dict)  # part name -> its parsed settings (only the chosen bridge's and injection's are used)
 
 @dataclass
@@ -360,7 +381,19 @@ def parse_vlm_config(model_cfg:dict|VLMConfig, key:str="model")->VLMConfig:
             raise ConfigError(f"{key}.{name}", f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} allowed: {[*_AXES, *sorted(known)]}")
         cfg.parts[name] = parse_dataclass(known[name].settings, section or {}, f"{key}.{name}")
     if cfg.lm_lora is not None: cfg.lm_lora = parse_dataclass(LMLoRASettings, cfg.lm_lora, f"{key}.lm_lora")
+    if cfg.tiling is not None or BRIDGES[cfg.bridge].tiling: cfg.tiling = _tiling(cfg, key)
     return cfg
+
+def _tiling(cfg:VLMConfig, key:str)->TilingSettings:
+    "`model.tiling` parsed; a tiling bridge sets the mode it reads when none is given, and a mismatch names both."
+    t = parse_dataclass(TilingSettings, cfg.tiling or {}, f"{key}.tiling")
+    need = BRIDGES[cfg.bridge].tiling
+    if need and t.mode == "none": t.mode = need
+    if need and t.mode != need: raise ConfigError(f"{key}.tiling.mode", f"{t.mode!r}, but bridge {cfg.bridge!r} reads {need!r} crops")
+    if not need and t.mode not in ("none", "base", "interp"):
+        users = [b for b, part in BRIDGES.items() if part.tiling == t.mode]
+        raise ConfigError(f"{key}.bridge", f"{cfg.bridge!r} cannot read {t.mode!r} crops: use bridge {users}")
+    return t
 
 # %% ../nbs/05_vlm.ipynb #f9e2d2db
 def build_vlm(model_cfg:dict|VLMConfig,  # a `model:` section (see above)
@@ -372,10 +405,14 @@ def build_vlm(model_cfg:dict|VLMConfig,  # a `model:` section (see above)
     try: lm = build_lm(m.lm, **m.lm_args)
     except (ValueError, FileNotFoundError) as e: raise ConfigError("model.lm", str(e)) from None
     if m.lm_lora is not None: add_lm_lora(lm, m.lm_lora)
+    if m.tiling is not None and m.tiling.mode != "none":
+        try: vision = TiledVision(vision, m.tiling)
+        except ValueError as e: raise ConfigError("model.tiling", str(e)) from None
     settings = lambda name, reg: m.parts.get(name) or reg[name].settings()
     injection = INJECTIONS[m.injection].build(settings(m.injection, INJECTIONS))
     dim_out = lm.dim if injection.visual_width == "lm" else vision.dim
-    bridge = BRIDGES[m.bridge].build(settings(m.bridge, BRIDGES), dim_in=vision.dim, dim_out=dim_out, lm=lm)
+    layout = {"layout": vision.layout} if BRIDGES[m.bridge].tiling else {}  # a tiling bridge reads the crop layout
+    bridge = BRIDGES[m.bridge].build(settings(m.bridge, BRIDGES), dim_in=vision.dim, dim_out=dim_out, lm=lm, **layout)
     return VLM(vision, bridge, injection, lm, cache=cache)
 
 # %% ../nbs/05_vlm.ipynb #ba3b08ed

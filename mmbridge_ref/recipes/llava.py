@@ -187,7 +187,7 @@ def chance_levels(sets:dict)->dict:
     "What uniform guessing scores on each metric of `llava_evaluate`."
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     return {"vqa_em": mean([1 / len(sw.ANSWERS[r["kind"]]) for r in sets["vqa"]]),
-            "mc_acc": mean([1 / r["options"] for r in sets["mc"]])}
+            "mc_acc": mean([1 / r["options"] for r in sets["mc"]])} | {f"vqa_em_{k}": 1 / len(sw.ANSWERS[k]) for k in sw.VQA_KINDS}
 
 @torch.no_grad()
 def llava_evaluate(model:VLM, sets:dict, template:str, *, blank:bool=False, batch_size:int=64, keep:bool=False)->dict:
@@ -255,7 +255,7 @@ def llava_report(sets:dict, template:str):
             if k in metrics: lines.append(f"| {k} | {metrics[k]:.3f} | {f'{chance[k]:.3f}' if k in chance else '—'} |")
         table = "\n".join(lines)
         (Path(run_dir) / "report.md").write_text(table + "\n")
-        return table + f"\n8 held-out answers: {png}"
+        return f"8 held-out answers: {png}; the held-out table as markdown: {Path(run_dir) / 'report.md'}"
     return report
 
 # %% ../../nbs/40b_llava_train.ipynb #6e3486d7

@@ -14,9 +14,9 @@ import torch
 
 from ..backbones.towers import ROOT
 from ..inject.moe import MoEInjection, ffn_cost
-from .llava import llava_task, prompt_row
-from ..train.config import Config, ConfigError, load_config
-from ..train.loop import Task, fit, format_table, read_csv, register_task
+from .llava import LlavaDataConfig, llava_eval_sets, llava_task, prompt_row
+from ..train.config import Config, ConfigError, load_config, parse_dataclass
+from ..train.loop import Task, fit, format_table, load_run, read_csv, register_task
 from ..vlm import collate_vlm
 
 # %% auto #0
@@ -54,8 +54,6 @@ def moe_llava_task(cfg:Config)->Task:
     model.injection.set_routing(names[-1] in moe_stages, fresh=False)  # a finished run's state, for load_run
     on_stage = lambda i, fresh: model.injection.set_routing(names[i] in moe_stages, fresh)
     if base.evaluate is None: return replace(base, on_stage=on_stage)
-    from mmbridge_ref.recipes.llava import llava_eval_sets, LlavaDataConfig
-    from mmbridge_ref.train.config import parse_dataclass
     probe = routing_probe(model, llava_eval_sets(parse_dataclass(LlavaDataConfig, data, "data"), cfg.train.seed), template)
     def evaluate(m):
         out = base.evaluate(m)
@@ -114,7 +112,13 @@ def moe_measurements(config:str|Path=ROOT / "configs" / "moe_llava_tiny.yaml", s
             cfg = load_config(config, [*extra, *sets, f"train.seed={seed}", f"train.eval_every={eval_every}", f"train.run_dir={run}"])
             r = fit(cfg, resume=run, allow_changes=True, progress=False)
             moe_rows = [h for h in r.history if h["step"] > cut]
-            rows.append({"variant": name, "seed": seed, "metrics": r.metrics,
+            routing = None
+            if "moe_stages=[]" not in " ".join(sets):  # where the probe's image and text tokens go at the end
+                task = load_run(run)
+                st = routing_metrics(task.model, routing_probe(task.model, llava_eval_sets(parse_dataclass(
+                    LlavaDataConfig, {k: v for k, v in cfg.data.items() if k != "moe_stages"}, "data"), seed), cfg.data["template"]))[1]
+                routing = {"layers": st.layers, "image": st.image.tolist(), "text": st.text.tolist()}
+            rows.append({"variant": name, "seed": seed, "metrics": r.metrics, "routing": routing,
                          "curve": [{k: v for k, v in h.items() if k == "step" or k == "loss" or k.startswith("eval_")} for h in moe_rows],
                          "seconds_stage3": sum(1 / h["samples_per_s"] * cfg.train.batch_size for h in moe_rows if h.get("samples_per_s"))})
             if out is not None: Path(out).write_text(json.dumps({"config": str(Path(config).name), "rows": rows}, indent=1))
