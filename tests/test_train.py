@@ -482,3 +482,14 @@ def test_on_stage_runs_before_each_stage_and_knows_a_resumed_one(tmp_path):
     CALLS.clear()
     fit(resume=fit(toy(tmp_path, "b", "task=test_on_stage_lm", "train.stop_at=4"), progress=False).run_dir, progress=False)
     assert CALLS == [(0, True), (1, True)]  # stopped exactly at the boundary: stage 1 starts fresh on resume
+
+
+def test_wandb_offline_run_when_installed(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional (train.loggers: [csv, wandb]); not installed here")
+    monkeypatch.setenv("WANDB_SILENT", "true"); monkeypatch.setenv("WANDB_MODE", "offline")
+    part = fit(toy(tmp_path, "wb", "train.loggers=[csv, wandb]", "train.stop_at=3"), progress=False)
+    run_id = (part.run_dir / "wandb_id.txt").read_text()
+    assert [p.name.endswith(run_id) for p in (part.run_dir / "wandb").glob("offline-run-*")] == [True]
+    fit(resume=part.run_dir, progress=False)
+    assert (part.run_dir / "wandb_id.txt").read_text() == run_id  # the resumed run continues the same wandb run
+    assert all(p.name.endswith(run_id) for p in (part.run_dir / "wandb").glob("offline-run-*"))

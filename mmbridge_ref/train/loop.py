@@ -28,6 +28,7 @@ import threading
 import time
 import types
 import typing
+import uuid
 import warnings
 from contextlib import nullcontext
 from copy import deepcopy
@@ -386,7 +387,7 @@ class WandbLogger:
         try: import wandb
         except ImportError: raise ConfigError("train.loggers", "wandb is not installed: `pip install wandb`, or drop it from train.loggers") from None
         id_file = run_dir / "wandb_id.txt"
-        if not id_file.exists(): id_file.write_text(wandb.util.generate_id())
+        if not id_file.exists(): id_file.write_text(uuid.uuid4().hex[:12])
         self.run = wandb.init(project="mmbridge_ref", name=cfg.name, id=id_file.read_text().strip(), resume="allow",
                               dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"), config=config_to_dict(cfg))
 
