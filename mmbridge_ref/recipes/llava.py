@@ -245,7 +245,7 @@ def _sample_grid(model:VLM, sets:dict, template:str, path:Path, n:int=8)->Path:
     return path
 
 def llava_report(sets:dict, template:str):
-    "The `Task.report` of a llava run: the held-out table next to chance, and a PNG of 8 answered held-out images."
+    "The `Task.report` of a llava run: report.md (the held-out table next to chance) and a PNG of 8 answered held-out images."
     def report(model:VLM, run_dir:Path, metrics:dict)->str:
         model.eval()
         png = _sample_grid(model, sets, template, Path(run_dir) / "samples.png")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ..backbones.towers import ROOT
 from ..inject.moe import MoEInjection, ffn_cost
 from .llava import LlavaDataConfig, llava_eval_sets, llava_task, prompt_row
 from ..train.config import Config, ConfigError, load_config, parse_dataclass
-from ..train.loop import Task, fit, format_table, load_run, read_csv, register_task
+from ..train.loop import Task, config_changes, fit, format_table, load_run, read_csv, register_task
 from ..vlm import collate_vlm
 
 # %% auto #0
@@ -55,8 +56,12 @@ def moe_llava_task(cfg:Config)->Task:
     on_stage = lambda i, fresh: model.injection.set_routing(names[i] in moe_stages, fresh)
     if base.evaluate is None: return replace(base, on_stage=on_stage)
     probe = routing_probe(model, llava_eval_sets(parse_dataclass(LlavaDataConfig, data, "data"), cfg.train.seed), template)
-    def evaluate(m):
-        out = base.evaluate(m)
+    seen, last = {"step": -1}, sum(s.steps for s in cfg.stages) - 1
+    def batch(step):
+        seen["step"] = step
+        return base.batch(step)
+    def evaluate(m):  # generation is slow: the held-out answers before the first step and after the last, the routing always
+        out = base.evaluate(m) if seen["step"] in (-1, last) else {}
         return out if m.injection.moe[0].dense else out | routing_metrics(m, probe)[0]
     def report(m, run_dir, metrics):
         text = base.report(m, run_dir, metrics) if base.report else ""
@@ -65,7 +70,7 @@ def moe_llava_task(cfg:Config)->Task:
         fig.savefig(Path(run_dir) / "routing.png", dpi=100)
         plt_close(fig)
         return text + f"\nrouting by modality: {Path(run_dir) / 'routing.png'}"
-    return replace(base, evaluate=evaluate, report=report, on_stage=on_stage)
+    return replace(base, batch=batch, evaluate=evaluate, report=report, on_stage=on_stage)
 
 def plt_close(fig):
     import matplotlib.pyplot as plt
@@ -105,7 +110,12 @@ def moe_measurements(config:str|Path=ROOT / "configs" / "moe_llava_tiny.yaml", s
     for seed in seeds:
         base_cfg = load_config(config, [*extra, f"train.seed={seed}", "train.eval_every=0", f"train.run_dir={root}/seed{seed}_stages12"])
         cut = sum(s.steps for s in base_cfg.stages[:-1])
-        base = fit(replace(base_cfg, train=replace(base_cfg.train, stop_at=cut)), progress=False)
+        base_cfg = replace(base_cfg, train=replace(base_cfg.train, stop_at=cut))
+        base_dir = Path(base_cfg.train.run_dir)
+        if (base_dir / "checkpoint.pt").is_file() and torch.load(base_dir / "checkpoint.pt", weights_only=True)["step"] == cut \
+                and not config_changes(load_config(base_dir / "config.yaml"), base_cfg):
+            base = types.SimpleNamespace(run_dir=base_dir)  # stages I-II of this seed are done already: reuse them
+        else: base = fit(base_cfg, progress=False)
         for name, sets in variants.items():
             run = root / f"seed{seed}_{name.replace(' ', '_').replace(',', '').replace('+', 'and')}"
             shutil.rmtree(run, ignore_errors=True); shutil.copytree(base.run_dir, run)
