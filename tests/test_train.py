@@ -493,3 +493,22 @@ def test_wandb_offline_run_when_installed(tmp_path, monkeypatch):
     fit(resume=part.run_dir, progress=False)
     assert (part.run_dir / "wandb_id.txt").read_text() == run_id  # the resumed run continues the same wandb run
     assert all(p.name.endswith(run_id) for p in (part.run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_chance_levels_of_the_recipes():
+    """Retrieval by a random ranking: R@k = 1 - C(N-m, k) / C(N, k) per row (m identical captions); VQA: one answer in so many."""
+    from mmbridge_ref.align.clip_train import recall_chance
+    from mmbridge_ref.recipes.vlm import vlm_chance
+    from mmbridge_ref.data import shapesworld as sw
+    ch = recall_chance(["a", "b", "c", "d"], ks=(1, 2))
+    assert ch == {"i2t_r1": 0.25, "t2i_r1": 0.25, "i2t_r2": 0.5, "t2i_r2": 0.5}
+    assert recall_chance(["a", "a", "b", "c"], ks=(1,))["i2t_r1"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
+    g = torch.Generator().manual_seed(0)  # and a simulation of random rankings agrees
+    texts = ["a", "a", "b", "c", "c", "c"]
+    same = torch.tensor([[x == y for y in texts] for x in texts])
+    hits = [same[i, torch.randperm(6, generator=g)[:2]].any().item() for _ in range(4000) for i in range(6)]
+    assert sum(hits) / len(hits) == pytest.approx(recall_chance(texts, ks=(2,))["i2t_r2"], abs=0.02)
+    plans = [{"meta": {"kind": k}} for k in ("colour", "yesno", "yesno")]
+    v = vlm_chance({"vqa": {"plans": plans}})
+    assert v["vqa_em_yesno"] == 0.5 and v["vqa_em"] == pytest.approx((1 / len(sw.ANSWERS["colour"]) + 1) / 3)
+    assert vlm_chance(None) == {} and vlm_chance({"caption": {}}) == {}
