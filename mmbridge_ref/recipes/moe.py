@@ -85,11 +85,11 @@ def plot_modality(stats, title:str=""):
     axes = fig.subplots(1, n, squeeze=False)[0]
     img = stats.image / stats.image.sum(-1, keepdim=True).clamp(min=1)
     txt = stats.text / stats.text.sum(-1, keepdim=True).clamp(min=1)
-    e = torch.arange(img.shape[1])
-    for ax, l, a, b in zip(axes, stats.layers, img, txt):
-        ax.bar(e - 0.2, a, 0.4, label="image tokens"); ax.bar(e + 0.2, b, 0.4, label="text tokens")
+    e = list(range(img.shape[1]))
+    for ax, l, a, b in zip(axes, stats.layers, img.tolist(), txt.tolist()):
+        ax.bar([x - 0.2 for x in e], a, 0.4, label="image tokens"); ax.bar([x + 0.2 for x in e], b, 0.4, label="text tokens")
         ax.axhline(1 / len(e), color="k", lw=0.6, ls="--")
-        ax.set(title=f"layer {l}", xlabel="expert", xticks=e.tolist(), ylim=(0, 1))
+        ax.set(title=f"layer {l}", xlabel="expert", xticks=e, ylim=(0, 1))
     axes[0].set(ylabel="share of the assignments"); axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}: where image and text tokens go (dashed: balanced)", fontsize=9)
     return fig
