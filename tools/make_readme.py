@@ -54,7 +54,7 @@ def render(nb_path: Path = ROOT / "nbs" / "index.ipynb") -> tuple[str, dict[str,
         if any(l.strip() in ("#| hide", "#|hide") for l in lines):
             continue
         code = "\n".join(l for l in lines if not l.startswith("#|")).strip()
-        if code:
+        if code and not any(l.replace(" ", "") == "#|echo:false" for l in lines):  # echo: false shows the output only
             parts.append(f"```python\n{code}\n```")
         out = _text_output(cell)
         if out:
