@@ -325,14 +325,14 @@ def _eval_series(rows:list[dict])->dict[str, list[tuple]]:
 
 DIAGNOSTICS = ("gate_", "route_")  # metric prefixes drawn in a panel of their own: tanh gates, expert shares
 
-def plot_history(rows:list[dict], path:str|Path|None=None, title:str="", chance:dict|None=None, max_metrics:int=8):
+def plot_history(rows:list[dict], path:str|Path|None=None, title:str="", chance:dict|None=None):
     """Loss per step (coloured by stage, held-out loss as dots), the learning rate, the held-out metrics in [0, 1] (chance
-    levels dashed) and any gates or routing shares the task logs; saved to `path` when given."""
+    levels dashed), and a last panel for gates, routing shares and any other metric; saved to `path` when given."""
     from matplotlib.figure import Figure
     chance, series = chance or {}, _eval_series(rows)
-    diag = {k: v for k, v in series.items() if k.startswith(DIAGNOSTICS)}
-    unit = {k: v for k, v in series.items() if k != "loss" and k not in diag and all(0 <= y <= 1 for _, y in v)}
-    unit = dict(sorted(unit.items(), key=lambda kv: kv[0] not in chance)[:max_metrics])  # those with a chance level first
+    unit = {k: v for k, v in series.items() if k != "loss" and not k.startswith(DIAGNOSTICS) and all(0 <= y <= 1 for _, y in v)}
+    unit = dict(sorted(unit.items(), key=lambda kv: kv[0] not in chance))  # those with a chance level first
+    diag = {k: v for k, v in series.items() if k != "loss" and k not in unit}
     panels = 2 + bool(unit) + bool(diag)
     fig = Figure(figsize=(4.2 * panels, 3.2), layout="constrained")
     ax, ax_lr, *more = fig.subplots(1, panels, width_ratios=[2] + [1.4] * (panels - 1))
@@ -351,7 +351,7 @@ def plot_history(rows:list[dict], path:str|Path|None=None, title:str="", chance:
             line, = axis.plot(*zip(*pts), "o-", ms=3, lw=1, label=k)
             if k in chance: axis.axhline(chance[k], ls="--", lw=0.8, color=line.get_color())
         axis.set(xlabel="step", ylabel=label, title="dashed: chance" if group is unit and chance.keys() & unit.keys() else None)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=6, ncol=1 + len(group) // 9)
     if path is not None: fig.savefig(path, dpi=100)
     return fig
 
