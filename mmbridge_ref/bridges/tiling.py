@@ -144,7 +144,7 @@ def fuyu_row_newlines(rows:int,  # patch rows
         raise ValueError(f"rows={rows!r}, cols={cols!r} must be integers >= 1")
     return torch.arange(rows) * (cols + 1) + cols
 
-# %% ../../nbs/41_high_res.ipynb #f92bb7c2
+# %% ../../nbs/41_high_res.ipynb #2b983156
 TILING_MODES = ("none", "base", "interp", "anyres", "uhd", "monkey", "patches")
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _slice_tokens(slice_hw:tuple[float, float], tile:int, patch:int)->tuple[int,
     return max(1, round(h * s / patch)), max(1, round(w * s / patch))
 
 
-# %% ../../nbs/41_high_res.ipynb #031719e2
+# %% ../../nbs/41_high_res.ipynb #d40799cf
 @dataclass
 class TilingSettings:
     "`model.tiling`: how a high-resolution image becomes crops for the frozen tower (`none` keeps the tower as it is)."
@@ -224,7 +224,7 @@ class TilingSettings:
         return CropLayout(m, (h, w), ((s, s),) * (1 + rows * cols), (rows, cols), True)
 
 
-# %% ../../nbs/41_high_res.ipynb #8eead4a6
+# %% ../../nbs/41_high_res.ipynb #ed04e4c8
 def _resize(x:Tensor, hw:tuple[int, int])->Tensor:  # [k, c, h, w] -> [k, c, *hw]
     if tuple(x.shape[-2:]) == tuple(hw): return x
     return F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
@@ -252,7 +252,7 @@ def slice_uhd(x:Tensor, rows:int, cols:int, hw:tuple[int, int])->Tensor:  # [k, 
     return rearrange(torch.stack(parts, 1), "k v c h w -> (k v) c h w")
 
 
-# %% ../../nbs/41_high_res.ipynb #7e1787cd
+# %% ../../nbs/41_high_res.ipynb #907f47f7
 def interpolate_pos(pos:Tensor,  # [1, s*s, d]: a square grid of learned position embeddings
                     hw:tuple[int, int],  # the (h, w) token grid wanted
                    )->Tensor:  # [1, h*w, d]
@@ -278,7 +278,7 @@ def vit_tokens(tower:nn.Module, images:Tensor)->Tensor:  # [k, 3, h, w] (multipl
     return tower.norm(hs[-1]) if layer == -1 else hs[layer]
 
 
-# %% ../../nbs/41_high_res.ipynb #139c8b71
+# %% ../../nbs/41_high_res.ipynb #b367ab97
 class TiledVision(nn.Module):
     "A frozen tower read crop by crop: `[k, 3, H, W] -> [k, crops*n, d]`, the global view first, then tiles row-major."
     def __init__(self,
@@ -295,6 +295,8 @@ class TiledVision(nn.Module):
         self.dim = 3 * p * p if settings.mode == "patches" else tower.dim
         self.cache_tag = repr(settings)  # the cache keys features by it too: another tiling, other features
         self.layout((self.image_size, self.image_size))  # a bad size (interp_size, tile vs patch) fails here, not mid-run
+        if settings.mode in ("interp", "uhd") and not all(hasattr(tower, a) for a in ("pos", "blocks", "norm")):
+            raise ValueError(f"mode={settings.mode!r} runs the tower at other sizes, but {type(tower).__name__} has no learned position grid")
         if settings.num_adapters:
             layers = [m for m in tower.modules() if isinstance(m, LoRALinear)]
             if not layers: add_lora(tower, settings.lora_targets, r=settings.lora_r, alpha=settings.lora_alpha, num_adapters=settings.num_adapters)
@@ -329,7 +331,7 @@ class TiledVision(nn.Module):
         return torch.cat(out, 1)
 
 
-# %% ../../nbs/41_high_res.ipynb #e7abc861
+# %% ../../nbs/41_high_res.ipynb #f306010d
 def _one_frame(x:Tensor, n:int, dim:int, name:str)->Tensor:  # [k, n, d] | [k, 1, n, d] -> [k, n, d]
     if x.ndim == 4:
         if x.shape[1] != 1: raise ValueError(f"{name} tiles images, not clips: got f={x.shape[1]} frames")
