@@ -204,5 +204,6 @@ def main(argv:list[str]|None=None):
     result = high_res_table(a.config, {m: METHODS[m] for m in a.methods} if a.methods else None, tuple(a.seeds), a.extra, a.out)
     print(format_summary(summarize(result, a.extra)))
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules: main()  # python -m, not the notebook
 
+# %% ../../nbs/43_high_res_train.ipynb #5b9ade1e
+if __name__ == "__main__": main()  # python -m mmbridge_ref.recipes.high_res
