@@ -1117,7 +1117,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'mmbridge_ref/recipes/moe.py'),
                                           'mmbridge_ref.recipes.moe.plot_modality': ( 'moe_train.html#plot_modality',
                                                                                       'mmbridge_ref/recipes/moe.py'),
-                                          'mmbridge_ref.recipes.moe.plt_close': ('moe_train.html#plt_close', 'mmbridge_ref/recipes/moe.py'),
                                           'mmbridge_ref.recipes.moe.routing_metrics': ( 'moe_train.html#routing_metrics',
                                                                                         'mmbridge_ref/recipes/moe.py'),
                                           'mmbridge_ref.recipes.moe.routing_probe': ( 'moe_train.html#routing_probe',

@@ -512,3 +512,9 @@ def test_chance_levels_of_the_recipes():
     v = vlm_chance({"vqa": {"plans": plans}})
     assert v["vqa_em_yesno"] == 0.5 and v["vqa_em"] == pytest.approx((1 / len(sw.ANSWERS["colour"]) + 1) / 3)
     assert vlm_chance(None) == {} and vlm_chance({"caption": {}}) == {}
+
+
+def test_recall_chance_refuses_no_captions_and_bad_k():
+    from mmbridge_ref.align.clip_train import recall_chance
+    with pytest.raises(ValueError, match="got 0 captions"): recall_chance([])
+    with pytest.raises(ValueError, match=r"ks=\(0,\)"): recall_chance(["a"], ks=(0,))

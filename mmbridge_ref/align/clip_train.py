@@ -319,6 +319,7 @@ def recall_at_k(sim:Tensor, texts:list[str], ks=(1, 5))->dict:
 def recall_chance(texts:list[str], ks=(1, 5))->dict:
     "R@k of a random ranking: a row hits unless all k picks miss its m identical captions, 1 - C(N-m, k) / C(N, k)."
     n, same = len(texts), Counter(texts)
+    if n == 0 or any(k < 1 for k in ks): raise ValueError(f"recall_chance needs captions and ks >= 1, got {n} captions and ks={ks}")
     hit = lambda m, k: 1 - math.comb(n - m, min(k, n)) / math.comb(n, min(k, n))
     return {f"{d}_r{k}": sum(hit(same[t], k) for t in texts) / n for k in ks for d in ("i2t", "t2i")}
 

@@ -21,8 +21,7 @@ from ..train.loop import Task, config_changes, fit, format_table, load_run, read
 from ..vlm import collate_vlm
 
 # %% auto #0
-__all__ = ['VARIANTS', 'RESULTS', 'routing_probe', 'routing_metrics', 'moe_llava_task', 'plt_close', 'plot_modality',
-           'moe_measurements']
+__all__ = ['VARIANTS', 'RESULTS', 'routing_probe', 'routing_metrics', 'moe_llava_task', 'plot_modality', 'moe_measurements']
 
 # %% ../../nbs/50b_moe_train.ipynb #d0c7751f
 def routing_probe(model, sets:dict, template:str, n:int=32)->dict:
@@ -67,14 +66,10 @@ def moe_llava_task(cfg:Config)->Task:
         text = base.report(m, run_dir, metrics) if base.report else ""
         if m.injection.moe[0].dense: return text
         fig = plot_modality(routing_metrics(m, probe)[1], title=cfg.name)
-        fig.savefig(Path(run_dir) / "routing.png", dpi=100)
-        plt_close(fig)
+        fig.savefig(Path(run_dir) / "routing.png", dpi=100)  # a matplotlib Figure, not pyplot's: nothing to close
         return text + f"\nrouting by modality: {Path(run_dir) / 'routing.png'}"
     return replace(base, batch=batch, evaluate=evaluate, report=report, on_stage=on_stage)
 
-def plt_close(fig):
-    import matplotlib.pyplot as plt
-    plt.close(fig)
 
 # %% ../../nbs/50b_moe_train.ipynb #9ce4770f
 def plot_modality(stats, title:str=""):
