@@ -22,9 +22,9 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel',
-           'CausalLMObjective', 'lm_batch', 'lm_eval', 'lm_pretrain_task', 'note_ceiling', 'build_zoo',
-           'probe_contrast']
+__all__ = ['SWEEP_RESULT', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode', 'encode_episode', 'pack_rows',
+           'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task',
+           'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 @dataclass
@@ -34,15 +34,20 @@ class LMPretrainData:
     fmt:str="note"  # "note": read a scene note first; "bare": captions and answers alone
     mix:dict[str, float]=field(default_factory=lambda: {"caption": 2.0, "vqa": 2.0, "dialogue": 1.0})  # episode kinds by weight
     qa_turns:int=3  # questions per VQA episode, all about one scene
+    vqa_kinds:dict[str, float]|None=None  # question kinds by weight (None: all of `sw.VQA_KINDS` alike)
     min_objects:int=1
     max_objects:int=4
     seq_len:int=128  # tokens per packed row; an episode never crosses rows
     eval_batches:int=4  # held-out batches for the next-token loss
+    stages:dict[str, dict]=field(default_factory=dict)  # a curriculum: stage name -> the data keys that change in that stage
 
     def __post_init__(self):
         _check(self.fmt in ("note", "bare"), "fmt", self.fmt, "'note' or 'bare'")
         _check(set(self.mix) <= {"caption", "vqa", "dialogue"} and sum(self.mix.values()) > 0, "mix", self.mix,
                "weights of caption, vqa and dialogue, summing to more than 0")
+        if self.vqa_kinds is not None:
+            _check(set(self.vqa_kinds) <= set(sw.VQA_KINDS) and sum(self.vqa_kinds.values()) > 0, "vqa_kinds", self.vqa_kinds,
+                   f"weights of {', '.join(sw.VQA_KINDS)}, summing to more than 0")
         _check(self.qa_turns >= 1 and self.seq_len >= 32, "qa_turns", (self.qa_turns, self.seq_len), "qa_turns >= 1 and seq_len >= 32")
 
 def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="all")->list[tuple[str, bool]]:
@@ -50,7 +55,9 @@ def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="
     scene = sw.sample_scene(rng, d.min_objects, d.max_objects, split)
     kind = rng.choices(list(d.mix), weights=list(d.mix.values()))[0]
     if kind == "caption": turns = [("caption :", sw.caption(scene, rng))]
-    elif kind == "vqa": turns = [(f"question : {q} answer :", a) for q, a in (sw.vqa(scene, rng, split=split) for _ in range(d.qa_turns))]
+    elif kind == "vqa":
+        kinds = [rng.choices(list(d.vqa_kinds), weights=list(d.vqa_kinds.values()))[0] if d.vqa_kinds else None for _ in range(d.qa_turns)]
+        turns = [(f"question : {q} answer :", a) for q, a in (sw.vqa(scene, rng, k, split=split) for k in kinds)]
     else:
         conv = sw.dialogue(scene, rng, split=split)
         turns = [(f"user : {h['value'].replace(sw.IMAGE_TOKEN, '').strip()} assistant :", g["value"]) for h, g in zip(conv[::2], conv[1::2])]
@@ -118,6 +125,16 @@ def lm_eval(model:CausalLMObjective, batches:list[dict])->dict:
         loss += lm_loss_sum(logits, b["labels"]).item(); n += keep.sum().item()
     return dict(loss=loss / n, acc=hits / n)
 
+def stage_data(cfg, d:LMPretrainData):
+    "step -> the data of the stage that step falls in: `d`, changed by `d.stages[stage name]` where it names the stage."
+    names = [s.name for s in cfg.stages]
+    if bad := [n for n in d.stages if n not in names]:
+        raise ConfigError(f"data.stages.{bad[0]}", f"names no stage; the stages are {', '.join(names)}")
+    base = {f: getattr(d, f) for f in d.__dataclass_fields__ if f != "stages"}
+    datas = [parse_dataclass(LMPretrainData, {**base, **d.stages[n]}, f"data.stages.{n}") if n in d.stages else d for n in names]
+    ends = [sum(s.steps for s in cfg.stages[:i + 1]) for i in range(len(names))]
+    return lambda step: datas[next((i for i, e in enumerate(ends) if step < e), len(datas) - 1)]
+
 @register_task("lm_pretrain")
 def lm_pretrain_task(cfg)->Task:
     "Pretrain a tiny causal LM on ShapesWorld episodes (the `lm_pretrain` task)."
@@ -126,7 +143,8 @@ def lm_pretrain_task(cfg)->Task:
     lm = tiny_lm(tok, dim=m.dim, depth=m.depth, heads=m.heads, max_len=m.max_len)
     lm.model.config._attn_implementation = "eager"  # short packed rows with a 4-D mask: faster than SDPA on a CPU
     held = [lm_batch(tok, d, cfg.train.seed, i, 16, stream="eval") for i in range(d.eval_batches)]
-    return Task(model=CausalLMObjective(lm), batch=lambda step: lm_batch(tok, d, cfg.train.seed, step, cfg.train.batch_size),
+    per_stage = stage_data(cfg, d)
+    return Task(model=CausalLMObjective(lm), batch=lambda step: lm_batch(tok, per_stage(step), cfg.train.seed, step, cfg.train.batch_size),
                 count=lambda b: count_targets(b["labels"]), evaluate=lambda model: lm_eval(model, held), chance={"acc": 1 / len(tok)})
 
 # %% ../../nbs/07_zoo_lm.ipynb #f687cf43
@@ -165,7 +183,9 @@ def _zoo_config(fmt:str, tokenizer, quick:bool, run_dir:str, sets=()):
     path = ROOT / "configs" / "zoo_lm.yaml"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: build the zoo from a clone of the repository")
     extra = [f"data.fmt={fmt}", f"data.tokenizer={tokenizer}", f"name=zoo_lm_{fmt}", f"train.run_dir={run_dir}"]
-    if quick: extra += ["stages.0.steps=4", "train.eval_every=0", "train.batch_size=2", "data.eval_batches=1", "optim.warmup_steps=1"]
+    if quick:
+        stages = len(load_config(path, [*sets, *extra]).stages)
+        extra += [f"stages.{i}.steps=2" for i in range(stages)] + ["train.eval_every=0", "train.batch_size=2", "data.eval_batches=1", "optim.warmup_steps=1"]
     return load_config(path, [*sets, *extra])
 
 def _train_tokenizer(out:Path, quick:bool):
@@ -204,6 +224,31 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
             info[name]["ceiling"] = {f"1-{k} objects": note_ceiling(str(out / name), max_objects=k) for k in (2, 4)}
     (out / "zoo.json").write_text(json.dumps(info, indent=2))
     return info
+
+# %% ../../nbs/07_zoo_lm.ipynb #af30611d
+SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
+
+def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
+                 root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
+                 *, n_questions:int=1024,
+                 out:str|Path|None=None,  # the JSON to write (SWEEP_RESULT for the committed one)
+                 progress:bool=False)->dict:
+    "Pretrain `lm` once per row (skipping rows already measured under `root`): seconds, held-out figures and ceiling."
+    res = {"rows": [], "command": f"recipe_sweep(<rows>, out={str(out)!r})" if out else None}
+    for name, sets in rows.items():
+        d = Path(root) / name.replace(" ", "_").replace("/", "-")
+        if not (d / "ceiling.json").exists():
+            cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
+            t0, run = time.time(), fit(cfg, progress=progress)
+            secs, lm = round(time.time() - t0), load_run(run.run_dir).model.lm
+            lm.model.config._attn_implementation = "sdpa"; lm.save_pretrained(d / "lm")
+            row = dict(row=name, overrides=list(sets), steps=run.step, seconds=secs, threads=torch.get_num_threads(),
+                       **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()},
+                       ceiling={f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)})
+            (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
+        res["rows"].append(json.loads((d / "ceiling.json").read_text()))
+    if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    return res
 
 # %% ../../nbs/07_zoo_lm.ipynb #32e86d3f
 PROBE_RESULT = ROOT / "data_samples" / "results" / "prefix_probe.json"
