@@ -22,9 +22,9 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['SWEEP_RESULT', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode', 'encode_episode', 'pack_rows',
-           'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task',
-           'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
+__all__ = ['SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode',
+           'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data',
+           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 @dataclass
@@ -171,6 +171,8 @@ def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
         else:
             hits = [g == p["meta"]["answer"] for p, g in zip(plans, gen)]
             out["vqa_em"] = round(sum(hits) / n, 4)
+            starts = [g.split()[:len(p["meta"]["answer"].split())] == p["meta"]["answer"].split() for p, g in zip(plans, gen)]
+            out["vqa_start"] = round(sum(starts) / n, 4)  # the answer comes first, whether or not the LM stops after it
             for kind in sw.VQA_KINDS:
                 k = [h for h, p in zip(hits, plans) if p["meta"]["kind"] == kind]
                 if k: out[f"vqa_em_{kind}"] = round(sum(k) / len(k), 4)
@@ -227,6 +229,11 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
 
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
 SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
+FOCUS_STAGE = ["stages=[{name: pretrain, steps: 3000}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",  # 1000 more steps at 0.3x lr
+               "data.stages={focus: {mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # more questions, more of them binding ones
+               "vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}}}"]
+SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.threads=1"],
+              "scenes of 1-3 shapes + focus stage": ["data.max_objects=3", *FOCUS_STAGE, "train.threads=1"]}
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
@@ -234,19 +241,23 @@ def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/
                  out:str|Path|None=None,  # the JSON to write (SWEEP_RESULT for the committed one)
                  progress:bool=False)->dict:
     "Pretrain `lm` once per row (skipping rows already measured under `root`): seconds, held-out figures and ceiling."
-    res = {"rows": [], "command": f"recipe_sweep(<rows>, out={str(out)!r})" if out else None}
+    res = {"rows": [], "command": 'python -c "from mmbridge_ref.recipes.zoo import *; recipe_sweep(SWEEP_ROWS, out=SWEEP_RESULT)"'}
     for name, sets in rows.items():
         d = Path(root) / name.replace(" ", "_").replace("/", "-")
-        if not (d / "ceiling.json").exists():
+        if not (d / "trained.json").exists():
             cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
             t0, run = time.time(), fit(cfg, progress=progress)
             secs, lm = round(time.time() - t0), load_run(run.run_dir).model.lm
             lm.model.config._attn_implementation = "sdpa"; lm.save_pretrained(d / "lm")
-            row = dict(row=name, overrides=list(sets), steps=run.step, seconds=secs, threads=torch.get_num_threads(),
-                       **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()},
-                       ceiling={f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)})
+            (d / "trained.json").write_text(json.dumps(dict(row=name, overrides=list(sets), steps=run.step, seconds=secs, threads=cfg.train.threads,
+                                                            **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()})) + "\n")
+        if not (d / "ceiling.json").exists():  # measured apart from training, so a new measure needs no new run
+            row = json.loads((d / "trained.json").read_text())
+            row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)}
             (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
-        res["rows"].append(json.loads((d / "ceiling.json").read_text()))
+        row = json.loads((d / "ceiling.json").read_text())
+        if row["overrides"] != list(sets): raise ValueError(f"{d} holds row {name!r} measured with {row['overrides']}, not {list(sets)}: move it away")
+        res["rows"].append(row)
     if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return res
 
