@@ -5,6 +5,8 @@
 # %% ../../nbs/07_zoo_lm.ipynb #469850d6
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 import time
@@ -132,8 +134,8 @@ def stage_data(cfg, d:LMPretrainData):
         raise ConfigError(f"data.stages.{bad[0]}", f"names no stage; the stages are {', '.join(names)}")
     base = {f: getattr(d, f) for f in d.__dataclass_fields__ if f != "stages"}
     datas = [parse_dataclass(LMPretrainData, {**base, **d.stages[n]}, f"data.stages.{n}") if n in d.stages else d for n in names]
-    ends = [sum(s.steps for s in cfg.stages[:i + 1]) for i in range(len(names))]
-    return lambda step: datas[next((i for i, e in enumerate(ends) if step < e), len(datas) - 1)]
+    ends = list(itertools.accumulate(s.steps for s in cfg.stages))  # the first step after each stage
+    return lambda step: datas[min(bisect.bisect_right(ends, step), len(datas) - 1)]
 
 @register_task("lm_pretrain")
 def lm_pretrain_task(cfg)->Task:
@@ -197,6 +199,14 @@ def _train_tokenizer(out:Path, quick:bool):
         texts += [" ".join(s for s, _ in lm_episode(rng, d)) for _ in range(500 if quick else 5000)]
     save_tokenizer(add_chat_templates(train_tokenizer(texts, vocab_size=1024)), out / "tokenizer")  # llava_v1, plain, zoo (40_llava)
 
+def _pretrain_and_save(cfg, dest:Path, progress:bool):
+    "Run `cfg`, save its LM to `dest` as the bridges run it (SDPA); the run's result and its seconds."
+    t0, res = time.time(), fit(cfg, progress=progress)
+    lm = load_run(res.run_dir).model.lm
+    lm.model.config._attn_implementation = "sdpa"  # what the bridges run it with
+    lm.save_pretrained(dest)
+    return res, round(time.time() - t0)
+
 def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
               *,
               only:list[str]|tuple=("lm", "lm_bare"),  # which LMs to (re)build
@@ -214,12 +224,9 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
     for name in only:
         fmt = "note" if name == "lm" else "bare"
         cfg = _zoo_config(fmt, out / "tokenizer", quick, str(out / "runs" / "{name}") if quick else "runs/{name}", sets)
-        t1, res = time.time(), fit(cfg, progress=progress)
-        lm = load_run(res.run_dir).model.lm
-        lm.model.config._attn_implementation = "sdpa"  # what the bridges run it with
-        lm.save_pretrained(out / name)
+        res, secs = _pretrain_and_save(cfg, out / name, progress)
         command = f"mmbridge zoo build --only {name}" + (" --quick" if quick else "") + "".join(f" --set {s}" for s in sets)
-        info[name] = dict(command=command, fmt=fmt, steps=res.step, seconds=round(time.time() - t1), threads=torch.get_num_threads(),
+        info[name] = dict(command=command, fmt=fmt, steps=res.step, seconds=secs, threads=torch.get_num_threads(),
                           **{f"heldout_{k}": round(v, 4) for k, v in res.metrics.items()})
         if name == "lm" and not quick:
             info[name]["seconds_with_tokenizer"] = info[name]["seconds"] + info["tokenizer"]["seconds"]
@@ -246,18 +253,15 @@ def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/
         d = Path(root) / name.replace(" ", "_").replace("/", "-")
         if not (d / "trained.json").exists():
             cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
-            t0, run = time.time(), fit(cfg, progress=progress)
-            secs, lm = round(time.time() - t0), load_run(run.run_dir).model.lm
-            lm.model.config._attn_implementation = "sdpa"; lm.save_pretrained(d / "lm")
+            run, secs = _pretrain_and_save(cfg, d / "lm", progress)
             (d / "trained.json").write_text(json.dumps(dict(row=name, overrides=list(sets), steps=run.step, seconds=secs, threads=cfg.train.threads,
                                                             **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()})) + "\n")
+        row = json.loads((d / "trained.json").read_text())
+        if row["overrides"] != list(sets): raise ValueError(f"{d} holds row {name!r} trained with {row['overrides']}, not {list(sets)}: move it away")
         if not (d / "ceiling.json").exists():  # measured apart from training, so a new measure needs no new run
-            row = json.loads((d / "trained.json").read_text())
             row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)}
             (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
-        row = json.loads((d / "ceiling.json").read_text())
-        if row["overrides"] != list(sets): raise ValueError(f"{d} holds row {name!r} measured with {row['overrides']}, not {list(sets)}: move it away")
-        res["rows"].append(row)
+        res["rows"].append(json.loads((d / "ceiling.json").read_text()))
     if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return res
 
