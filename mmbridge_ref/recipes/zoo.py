@@ -24,11 +24,14 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode',
-           'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data',
-           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
+__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS', 'FOCUS_STAGE', 'ON_2_3', 'SHORTER', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS',
+           'LMPretrainData', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective',
+           'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep',
+           'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
+EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
+
 @dataclass
 class LMPretrainData:
     "The `data:` section of an `lm_pretrain` run."
@@ -42,6 +45,7 @@ class LMPretrainData:
     seq_len:int=128  # tokens per packed row; an episode never crosses rows
     eval_batches:int=4  # held-out batches for the next-token loss
     stages:dict[str, dict]=field(default_factory=dict)  # a curriculum: stage name -> the data keys that change in that stage
+    end_turns:bool=False  # fmt="note": close every answer with EOS (a target), as LLaVA-1's template closes each turn; False: the last only
 
     def __post_init__(self):
         _check(self.fmt in ("note", "bare"), "fmt", self.fmt, "'note' or 'bare'")
@@ -64,7 +68,8 @@ def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="
         conv = sw.dialogue(scene, rng, split=split)
         turns = [(f"user : {h['value'].replace(sw.IMAGE_TOKEN, '').strip()} assistant :", g["value"]) for h, g in zip(conv[::2], conv[1::2])]
     if d.fmt == "bare": return [(f"{p} {a}", True) for p, a in turns]
-    return [(sw.canonical_note(scene), False)] + [seg for p, a in turns for seg in ((p, False), (a, True))]
+    close = lambda i: f" {EOS}" if d.end_turns and i < len(turns) - 1 else ""  # the episode's last EOS comes from `encode_episode`
+    return [(sw.canonical_note(scene), False)] + [seg for i, (p, a) in enumerate(turns) for seg in ((p, False), (a + close(i), True))]
 
 # %% ../../nbs/07_zoo_lm.ipynb #b81e2f4f
 def encode_episode(tok, segs:list[tuple[str, bool]])->tuple[list[int], list[int]]:
@@ -142,6 +147,8 @@ def lm_pretrain_task(cfg)->Task:
     "Pretrain a tiny causal LM on ShapesWorld episodes (the `lm_pretrain` task)."
     m, d = parse_dataclass(LMPretrainModel, cfg.model, "model"), parse_dataclass(LMPretrainData, cfg.data, "data")
     tok = load_tokenizer(_tokenizer_path(d.tokenizer))
+    if d.end_turns and tok.convert_tokens_to_ids(EOS) != tok.eos_token_id:
+        raise ConfigError("data.end_turns", f"needs a tokenizer whose EOS is {EOS!r}; {d.tokenizer!r} has {tok.eos_token!r}")
     lm = tiny_lm(tok, dim=m.dim, depth=m.depth, heads=m.heads, max_len=m.max_len)
     lm.model.config._attn_implementation = "eager"  # short packed rows with a 4-D mask: faster than SDPA on a CPU
     held = [lm_batch(tok, d, cfg.train.seed, i, 16, stream="eval") for i in range(d.eval_batches)]
@@ -236,11 +243,28 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
 
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
 SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
+FOCUS = "mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
 FOCUS_STAGE = ["stages=[{name: pretrain, steps: 3000}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",  # 1000 more steps at 0.3x lr
-               "data.stages={focus: {mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # more questions, more of them binding ones
-               "vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}}}"]
+               "data.stages={focus: {" + FOCUS + "}}"]
+ON_2_3 = ("min_objects: 2, mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # a focus stage without one-shape scenes
+          "vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 3.0}")
+SHORTER = ["stages=[{name: pretrain, steps: 2600}, {name: focus, steps: 900, lr_mult: {'*': 0.3}}]", "data.stages={focus: {" + FOCUS + "}}"]
 SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.threads=1"],
-              "scenes of 1-3 shapes + focus stage": ["data.max_objects=3", *FOCUS_STAGE, "train.threads=1"]}
+              "scenes of 1-3 shapes + focus stage": ["data.max_objects=3", *FOCUS_STAGE, "train.threads=1"],
+              "1-2 shapes, then 1-3, then a focus stage on 2-3": [
+                  "data.max_objects=3", "stages=[{name: easy, steps: 1200}, {name: pretrain, steps: 1800}, {name: focus, steps: 800, lr_mult: {'*': 0.3}}]",
+                  "data.stages={easy: {max_objects: 2}, focus: {" + ON_2_3 + "}}", "train.threads=1"],
+              "1-3 shapes, then a focus stage on 2-3": [
+                  "data.max_objects=3", "stages=[{name: pretrain, steps: 2800}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",
+                  "data.stages={focus: {" + ON_2_3 + "}}", "train.threads=1"],
+              "6 layers of 192 + 1-3 shapes + focus stage": ["model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3", *SHORTER, "train.threads=1"],
+              "8 layers of 160 + 1-3 shapes + focus stage": ["model.depth=8", "model.dim=160", "model.heads=5", "data.max_objects=3", *SHORTER, "train.threads=1"],
+              "EOS after every answer + 1-3 shapes + focus stage": [
+                  "data.end_turns=true", "data.max_objects=3", "stages=[{name: pretrain, steps: 2700}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",
+                  FOCUS_STAGE[1], "train.threads=1"],
+              "EOS after every answer + 6 layers of 192 + 1-3 shapes + focus stage": [
+                  "data.end_turns=true", "model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3",
+                  "stages=[{name: pretrain, steps: 2200}, {name: focus, steps: 800, lr_mult: {'*': 0.3}}]", FOCUS_STAGE[1], "train.threads=1"]}
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
