@@ -1179,6 +1179,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                      'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo.LMPretrainModel': ( 'zoo_lm.html#lmpretrainmodel',
                                                                                         'mmbridge_ref/recipes/zoo.py'),
+                                          'mmbridge_ref.recipes.zoo._check_eos': ('zoo_lm.html#_check_eos', 'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo._pretrain_and_save': ( 'zoo_lm.html#_pretrain_and_save',
                                                                                            'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo._tokenizer_path': ( 'zoo_lm.html#_tokenizer_path',

@@ -24,10 +24,9 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS', 'FOCUS_STAGE', 'ON_2_3', 'SHORTER', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS',
-           'LMPretrainData', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective',
-           'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep',
-           'probe_contrast']
+__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode',
+           'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data',
+           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -55,6 +54,11 @@ class LMPretrainData:
             _check(set(self.vqa_kinds) <= set(sw.VQA_KINDS) and sum(self.vqa_kinds.values()) > 0, "vqa_kinds", self.vqa_kinds,
                    f"weights of {', '.join(sw.VQA_KINDS)}, summing to more than 0")
         _check(self.qa_turns >= 1 and self.seq_len >= 32, "qa_turns", (self.qa_turns, self.seq_len), "qa_turns >= 1 and seq_len >= 32")
+
+def _check_eos(tok, d:LMPretrainData):
+    "`end_turns` writes EOS as text: the tokenizer must read that text as its EOS."
+    if d.end_turns and tok.convert_tokens_to_ids(EOS) != tok.eos_token_id:
+        raise ConfigError("data.end_turns", f"needs a tokenizer whose EOS is {EOS!r}; {d.tokenizer!r} has {tok.eos_token!r}")
 
 def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="all")->list[tuple[str, bool]]:
     "One scene as `(text, supervised)` segments: a note (fmt='note') then a caption, questions or a dialogue."
@@ -147,8 +151,7 @@ def lm_pretrain_task(cfg)->Task:
     "Pretrain a tiny causal LM on ShapesWorld episodes (the `lm_pretrain` task)."
     m, d = parse_dataclass(LMPretrainModel, cfg.model, "model"), parse_dataclass(LMPretrainData, cfg.data, "data")
     tok = load_tokenizer(_tokenizer_path(d.tokenizer))
-    if d.end_turns and tok.convert_tokens_to_ids(EOS) != tok.eos_token_id:
-        raise ConfigError("data.end_turns", f"needs a tokenizer whose EOS is {EOS!r}; {d.tokenizer!r} has {tok.eos_token!r}")
+    _check_eos(tok, d)
     lm = tiny_lm(tok, dim=m.dim, depth=m.depth, heads=m.heads, max_len=m.max_len)
     lm.model.config._attn_implementation = "eager"  # short packed rows with a 4-D mask: faster than SDPA on a CPU
     held = [lm_batch(tok, d, cfg.train.seed, i, 16, stream="eval") for i in range(d.eval_batches)]
@@ -243,22 +246,22 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
 
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
 SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
-FOCUS = "mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
+_FOCUS = "mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
 FOCUS_STAGE = ["stages=[{name: pretrain, steps: 3000}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",  # 1000 more steps at 0.3x lr
-               "data.stages={focus: {" + FOCUS + "}}"]
-ON_2_3 = ("min_objects: 2, mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # a focus stage without one-shape scenes
+               "data.stages={focus: {" + _FOCUS + "}}"]
+_ON_2_3 = ("min_objects: 2, mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # a focus stage without one-shape scenes
           "vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 3.0}")
-SHORTER = ["stages=[{name: pretrain, steps: 2600}, {name: focus, steps: 900, lr_mult: {'*': 0.3}}]", "data.stages={focus: {" + FOCUS + "}}"]
+_SHORTER = ["stages=[{name: pretrain, steps: 2600}, {name: focus, steps: 900, lr_mult: {'*': 0.3}}]", "data.stages={focus: {" + _FOCUS + "}}"]
 SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.threads=1"],
               "scenes of 1-3 shapes + focus stage": ["data.max_objects=3", *FOCUS_STAGE, "train.threads=1"],
               "1-2 shapes, then 1-3, then a focus stage on 2-3": [
                   "data.max_objects=3", "stages=[{name: easy, steps: 1200}, {name: pretrain, steps: 1800}, {name: focus, steps: 800, lr_mult: {'*': 0.3}}]",
-                  "data.stages={easy: {max_objects: 2}, focus: {" + ON_2_3 + "}}", "train.threads=1"],
+                  "data.stages={easy: {max_objects: 2}, focus: {" + _ON_2_3 + "}}", "train.threads=1"],
               "1-3 shapes, then a focus stage on 2-3": [
                   "data.max_objects=3", "stages=[{name: pretrain, steps: 2800}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",
-                  "data.stages={focus: {" + ON_2_3 + "}}", "train.threads=1"],
-              "6 layers of 192 + 1-3 shapes + focus stage": ["model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3", *SHORTER, "train.threads=1"],
-              "8 layers of 160 + 1-3 shapes + focus stage": ["model.depth=8", "model.dim=160", "model.heads=5", "data.max_objects=3", *SHORTER, "train.threads=1"],
+                  "data.stages={focus: {" + _ON_2_3 + "}}", "train.threads=1"],
+              "6 layers of 192 + 1-3 shapes + focus stage": ["model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3", *_SHORTER, "train.threads=1"],
+              "8 layers of 160 + 1-3 shapes + focus stage": ["model.depth=8", "model.dim=160", "model.heads=5", "data.max_objects=3", *_SHORTER, "train.threads=1"],
               "EOS after every answer + 1-3 shapes + focus stage": [
                   "data.end_turns=true", "data.max_objects=3", "stages=[{name: pretrain, steps: 2700}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",
                   FOCUS_STAGE[1], "train.threads=1"],
