@@ -26,7 +26,8 @@ from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 # %% auto #0
 __all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode',
            'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data',
-           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'recipe_sweep', 'probe_contrast']
+           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'lookup_direction', 'lookup_directions', 'recipe_sweep',
+           'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -160,6 +161,14 @@ def lm_pretrain_task(cfg)->Task:
                 count=lambda b: count_targets(b["labels"]), evaluate=lambda model: lm_eval(model, held), chance={"acc": 1 / len(tok)})
 
 # %% ../../nbs/07_zoo_lm.ipynb #f687cf43
+def _read_notes(vlm, plans:list[dict], prompts:list[str], max_new:int, batch_size:int)->list[str]:
+    "Greedy continuations of each plan's true note (`canonical_note`) followed by its prompt."
+    tok = vlm.lm.tokenizer
+    rows = [dict(zip(("input_ids", "labels"), encode_segments(tok, [(f"{sw.canonical_note(p['meta']['scenes'][0])} {pr}", False)],
+                                                              num_media=0, eos=False)), media=torch.zeros(0, 1, 3, 1, 1))
+            for p, pr in zip(plans, prompts)]
+    return [g for a in range(0, len(rows), batch_size) for g in generate(vlm, collate_vlm(rows[a:a + batch_size], tok.pad_token_id), max_new)]
+
 @torch.no_grad()
 def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
                  *, n_captions:int=256, n_questions:int=512,
@@ -168,15 +177,11 @@ def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
                  seed:int=1_000_003,  # held-out scenes (training drew from other seeds)
                  batch_size:int=64)->dict:
     "The LM reading each held-out scene's true note as text: caption accuracy and VQA exact match (overall and per kind)."
-    vlm = build_vlm({"lm": lm}, cache=None).eval()
-    tok, out = vlm.lm.tokenizer, {}
+    vlm, out = build_vlm({"lm": lm}, cache=None).eval(), {}
     for task, n in (("caption", n_captions), ("vqa", n_questions)):
         plans = [sw.ShapesWorld(task, seed=seed, size=n, min_objects=min_objects, max_objects=max_objects).plan(i) for i in range(n)]
         prompts = ["caption :" if task == "caption" else f"question : {p['meta']['prompt']} answer :" for p in plans]
-        rows = [dict(zip(("input_ids", "labels"), encode_segments(tok, [(f"{sw.canonical_note(p['meta']['scenes'][0])} {pr}", False)],
-                                                                  num_media=0, eos=False)), media=torch.zeros(0, 1, 3, 1, 1))
-                for p, pr in zip(plans, prompts)]
-        gen = [g for a in range(0, n, batch_size) for g in generate(vlm, collate_vlm(rows[a:a + batch_size], tok.pad_token_id), 48 if task == "caption" else 6)]
+        gen = _read_notes(vlm, plans, prompts, 48 if task == "caption" else 6, batch_size)
         if task == "caption":
             sc = [sw.caption_scores(p["meta"]["scenes"][0], g) for p, g in zip(plans, gen)]
             out |= {f"caption_{k}": round(sum(s[k] for s in sc) / n, 4) for k in ("true", "obj_precision", "obj_recall")}
@@ -244,6 +249,29 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
     (out / "zoo.json").write_text(json.dumps(info, indent=2))
     return info
 
+# %% ../../nbs/07_zoo_lm.ipynb #ba06fb72
+_NOTE_ORDER = {"size": 0, "colour": 1, "shape": 2, "position": 3}  # canonical_note: "size colour shape at the position"
+
+def lookup_direction(question:str, kind:str)->str:
+    "'backward' when the question names an attribute that the note lists after the one it asks for (`kind`), else 'forward'."
+    words = set(question.split())
+    named = [a for a, vocab in (("size", sw.SIZES), ("colour", sw.COLOURS), ("shape", sw.SHAPES)) if words & set(vocab)]
+    named += ["position"] if " at the " in f" {question} " else []
+    return "backward" if any(_NOTE_ORDER[a] > _NOTE_ORDER[kind] for a in named) else "forward"
+
+@torch.no_grad()
+def lookup_directions(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
+                      *, n_questions:int=1024, seed:int=1_000_003, batch_size:int=64)->dict:
+    "VQA exact match from the true note on held-out scenes of two shapes: colour, shape and position questions by lookup direction."
+    ds = sw.ShapesWorld("vqa", seed=seed, size=n_questions, min_objects=2, max_objects=2, vqa_kinds=("colour", "shape", "position"))
+    plans = [ds.plan(i) for i in range(n_questions)]
+    gen = _read_notes(build_vlm({"lm": lm}, cache=None).eval(), plans, [f"question : {p['meta']['prompt']} answer :" for p in plans], 6, batch_size)
+    hits = {}
+    for p, g in zip(plans, gen):
+        d = lookup_direction(p["meta"]["prompt"], p["meta"]["kind"])
+        for key in (d, f"{d} {p['meta']['kind']}"): hits.setdefault(key, []).append(g == p["meta"]["answer"])
+    return {k: {"em": round(sum(h) / len(h), 4), "n": len(h)} for k, h in sorted(hits.items())}
+
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
 SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
 _FOCUS = "mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
@@ -268,15 +296,28 @@ SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.th
               "EOS after every answer + 6 layers of 192 + 1-3 shapes + focus stage": [
                   "data.end_turns=true", "model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3",
                   "stages=[{name: pretrain, steps: 2200}, {name: focus, steps: 800, lr_mult: {'*': 0.3}}]", FOCUS_STAGE[1], "train.threads=1"]}
+_S128 = ["data.end_turns=true", "model.depth=6", "model.dim=128", "model.heads=4", "data.max_objects=3"]  # a third of the FLOPs a token: 5 500 steps fit
+_BIND = ["data.mix={caption: 2.0, vqa: 4.0, dialogue: 1.0}", "data.vqa_kinds={colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"]
+_LONG_FOCUS = ["stages=[{name: pretrain, steps: 4200}, {name: focus, steps: 1300, lr_mult: {'*': 0.3}}]", FOCUS_STAGE[1]]
+SWEEP_ROWS |= {"EOS after every answer + 6 layers of 128 + 1-3 shapes + focus stage": [*_S128, *_LONG_FOCUS, "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + 5 questions a scene + 1-3 shapes + focus stage": [*_S128, *_LONG_FOCUS, "data.qa_turns=5", "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout": [*_S128, "stages.0.steps=5500", *_BIND, "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, lr 2e-3": [
+                   *_S128, "stages.0.steps=5500", *_BIND, "optim.lr=2.0e-3", "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + a first stage of colour and shape questions on 2 shapes": [  # backward lookups alone first
+                   *_S128, "stages=[{name: backward, steps: 1500}, {name: pretrain, steps: 4000}]", *_BIND,
+                   "data.stages={backward: {min_objects: 2, max_objects: 2, mix: {vqa: 1.0}, vqa_kinds: {colour: 1.0, shape: 1.0}}}", "train.threads=1"]}
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
                  *, n_questions:int=1024,
-                 out:str|Path|None=None,  # the JSON to write (SWEEP_RESULT for the committed one)
+                 out:str|Path|None=None,  # the JSON to write (SWEEP_RESULT for the committed one); rows it holds are kept
                  progress:bool=False)->dict:
-    "Pretrain `lm` once per row (skipping rows already measured under `root`): seconds, held-out figures and ceiling."
+    "Pretrain `lm` once per row (skipping rows already measured under `root` or in `out`): seconds, held-out figures, ceiling, lookups."
     res = {"rows": [], "command": 'python -c "from mmbridge_ref.recipes.zoo import *; recipe_sweep(SWEEP_ROWS, out=SWEEP_RESULT)"'}
+    done = {r["row"]: r for r in json.loads(Path(out).read_text())["rows"]} if out is not None and Path(out).exists() else {}
     for name, sets in rows.items():
+        if name in done and done[name]["overrides"] == list(sets): res["rows"].append(done[name]); continue  # measured by an earlier call
         d = Path(root) / name.replace(" ", "_").replace("/", "-")
         if not (d / "trained.json").exists():
             cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
@@ -285,10 +326,11 @@ def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/
                                                             **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()})) + "\n")
         row = json.loads((d / "trained.json").read_text())
         if row["overrides"] != list(sets): raise ValueError(f"{d} holds row {name!r} trained with {row['overrides']}, not {list(sets)}: move it away")
-        if not (d / "ceiling.json").exists():  # measured apart from training, so a new measure needs no new run
-            row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)}
-            (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
-        res["rows"].append(json.loads((d / "ceiling.json").read_text()))
+        if (d / "ceiling.json").exists(): row = json.loads((d / "ceiling.json").read_text())  # measured apart from training
+        else: row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)}
+        if "directions" not in row: row["directions"] = lookup_directions(str(d / "lm"), n_questions=n_questions)
+        (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
+        res["rows"].append(row)
     if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return res
 
