@@ -254,6 +254,7 @@ _NOTE_ORDER = {"size": 0, "colour": 1, "shape": 2, "position": 3}  # canonical_n
 
 def lookup_direction(question:str, kind:str)->str:
     "'backward' when the question names an attribute that the note lists after the one it asks for (`kind`), else 'forward'."
+    if kind not in ("colour", "shape", "position"): raise ValueError(f"kind={kind!r}: only colour, shape and position questions look an object up")
     words = set(question.split())
     named = [a for a, vocab in (("size", sw.SIZES), ("colour", sw.COLOURS), ("shape", sw.SHAPES)) if words & set(vocab)]
     named += ["position"] if " at the " in f" {question} " else []
@@ -263,6 +264,7 @@ def lookup_direction(question:str, kind:str)->str:
 def lookup_directions(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
                       *, n_questions:int=1024, seed:int=1_000_003, batch_size:int=64)->dict:
     "VQA exact match from the true note on held-out scenes of two shapes: colour, shape and position questions by lookup direction."
+    if n_questions < 1: raise ValueError(f"n_questions={n_questions} must be >= 1")
     ds = sw.ShapesWorld("vqa", seed=seed, size=n_questions, min_objects=2, max_objects=2, vqa_kinds=("colour", "shape", "position"))
     plans = [ds.plan(i) for i in range(n_questions)]
     gen = _read_notes(build_vlm({"lm": lm}, cache=None).eval(), plans, [f"question : {p['meta']['prompt']} answer :" for p in plans], 6, batch_size)
@@ -274,10 +276,11 @@ def lookup_directions(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
 
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
 SWEEP_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_sweep.json"
-_FOCUS = "mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
+_MIX, _KINDS = "{caption: 2.0, vqa: 4.0, dialogue: 1.0}", "{colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"  # more binding questions
+_FOCUS = f"mix: {_MIX}, vqa_kinds: {_KINDS}"
 FOCUS_STAGE = ["stages=[{name: pretrain, steps: 3000}, {name: focus, steps: 1000, lr_mult: {'*': 0.3}}]",  # 1000 more steps at 0.3x lr
                "data.stages={focus: {" + _FOCUS + "}}"]
-_ON_2_3 = ("min_objects: 2, mix: {caption: 2.0, vqa: 4.0, dialogue: 1.0}, "  # a focus stage without one-shape scenes
+_ON_2_3 = (f"min_objects: 2, mix: {_MIX}, "  # a focus stage without one-shape scenes
           "vqa_kinds: {colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 3.0}")
 _SHORTER = ["stages=[{name: pretrain, steps: 2600}, {name: focus, steps: 900, lr_mult: {'*': 0.3}}]", "data.stages={focus: {" + _FOCUS + "}}"]
 SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.threads=1"],
@@ -296,8 +299,8 @@ SWEEP_ROWS = {"8 heads + focus stage": ["model.heads=8", *FOCUS_STAGE, "train.th
               "EOS after every answer + 6 layers of 192 + 1-3 shapes + focus stage": [
                   "data.end_turns=true", "model.depth=6", "model.dim=192", "model.heads=6", "data.max_objects=3",
                   "stages=[{name: pretrain, steps: 2200}, {name: focus, steps: 800, lr_mult: {'*': 0.3}}]", FOCUS_STAGE[1], "train.threads=1"]}
-_S128 = ["data.end_turns=true", "model.depth=6", "model.dim=128", "model.heads=4", "data.max_objects=3"]  # a third of the FLOPs a token: 5 500 steps fit
-_BIND = ["data.mix={caption: 2.0, vqa: 4.0, dialogue: 1.0}", "data.vqa_kinds={colour: 3.0, count: 0.3, position: 3.0, yesno: 1.0, shape: 2.0}"]
+_S128 = ["data.end_turns=true", "model.depth=6", "model.dim=128", "model.heads=4", "data.max_objects=3"]  # 0.4 of the weights: more steps an hour
+_BIND = [f"data.mix={_MIX}", f"data.vqa_kinds={_KINDS}"]  # the focus stage's data, from the first step
 _LONG_FOCUS = ["stages=[{name: pretrain, steps: 4200}, {name: focus, steps: 1300, lr_mult: {'*': 0.3}}]", FOCUS_STAGE[1]]
 SWEEP_ROWS |= {"EOS after every answer + 6 layers of 128 + 1-3 shapes + focus stage": [*_S128, *_LONG_FOCUS, "train.threads=1"],
                "EOS after every answer + 6 layers of 128 + 5 questions a scene + 1-3 shapes + focus stage": [*_S128, *_LONG_FOCUS, "data.qa_turns=5", "train.threads=1"],
