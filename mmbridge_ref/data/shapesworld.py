@@ -193,10 +193,18 @@ def scene_note(scene: Scene, rng: random.Random) -> str:
     return f"{head} {body} ."
 
 # %% ../../nbs/01_shapesworld.ipynb #b9f723fc
-def canonical_note(scene: Scene, rng: random.Random | None = None) -> str:
+def canonical_note(scene: Scene, rng: random.Random | None = None, *,
+                   restate: str = "",  # attributes to name again after the position, e.g. "shape colour"
+                   position_first: bool = False) -> str:  # "at the top left , large red circle" (`restate` then follows the shape)
     "One fixed wording, the objects in reading order (top left first), as an encoder's patch grid lists them."
+    again = restate.split()
+    if bad := [a for a in again if a not in ("size", "colour", "shape")]:
+        raise ValueError(f"restate={restate!r}: {bad} are not size, colour or shape")
     objs = sorted(scene.objects, key=lambda o: 3 * o.row + o.col)
-    return "note : " + " ; ".join(f"{o.size} {o.colour} {o.shape} at the {o.position}" for o in objs) + " ."
+    tail = lambda o: (" ," + "".join(f" {getattr(o, a)}" for a in again)) if again else ""
+    entry = (lambda o: f"at the {o.position} , {o.size} {o.colour} {o.shape}{tail(o)}") if position_first else \
+            (lambda o: f"{o.size} {o.colour} {o.shape} at the {o.position}{tail(o)}")
+    return "note : " + " ; ".join(entry(o) for o in objs) + " ."
 
 # %% ../../nbs/01_shapesworld.ipynb #ff83b162
 def _relation(a, b):

@@ -24,10 +24,10 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'lm_episode',
-           'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data',
-           'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'lookup_direction', 'lookup_directions', 'recipe_sweep',
-           'probe_contrast']
+__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'note_wording',
+           'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval',
+           'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'named_attributes', 'lookup_direction',
+           'lookup_directions', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -46,6 +46,8 @@ class LMPretrainData:
     eval_batches:int=4  # held-out batches for the next-token loss
     stages:dict[str, dict]=field(default_factory=dict)  # a curriculum: stage name -> the data keys that change in that stage
     end_turns:bool=False  # fmt="note": close every answer with EOS (a target), as LLaVA-1's template closes each turn; False: the last only
+    restate_note:str=""  # fmt="note": attributes each object of the note names again after its position (`sw.canonical_note`)
+    position_first:bool=False  # fmt="note": each object of the note opens with its position
 
     def __post_init__(self):
         _check(self.fmt in ("note", "bare"), "fmt", self.fmt, "'note' or 'bare'")
@@ -54,7 +56,13 @@ class LMPretrainData:
         if self.vqa_kinds is not None:
             _check(set(self.vqa_kinds) <= set(sw.VQA_KINDS) and sum(self.vqa_kinds.values()) > 0, "vqa_kinds", self.vqa_kinds,
                    f"weights of {', '.join(sw.VQA_KINDS)}, summing to more than 0")
+        _check(set(self.restate_note.split()) <= {"size", "colour", "shape"}, "restate_note", self.restate_note,
+               "attributes among size, colour and shape, e.g. 'shape colour'")
         _check(self.qa_turns >= 1 and self.seq_len >= 32, "qa_turns", (self.qa_turns, self.seq_len), "qa_turns >= 1 and seq_len >= 32")
+
+def note_wording(d:LMPretrainData)->dict:
+    "The keywords of `sw.canonical_note` that give the note as `d` writes it."
+    return dict(restate=d.restate_note, position_first=d.position_first)
 
 def _check_eos(tok, d:LMPretrainData):
     "`end_turns` writes EOS as text: the tokenizer must read that text as its EOS."
@@ -74,7 +82,7 @@ def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="
         turns = [(f"user : {h['value'].replace(sw.IMAGE_TOKEN, '').strip()} assistant :", g["value"]) for h, g in zip(conv[::2], conv[1::2])]
     if d.fmt == "bare": return [(f"{p} {a}", True) for p, a in turns]
     close = lambda i: f" {EOS}" if d.end_turns and i < len(turns) - 1 else ""  # the episode's last EOS comes from `encode_episode`
-    return [(sw.canonical_note(scene), False)] + [seg for i, (p, a) in enumerate(turns) for seg in ((p, False), (a + close(i), True))]
+    return [(sw.canonical_note(scene, **note_wording(d)), False)] + [seg for i, (p, a) in enumerate(turns) for seg in ((p, False), (a + close(i), True))]
 
 # %% ../../nbs/07_zoo_lm.ipynb #b81e2f4f
 def encode_episode(tok, segs:list[tuple[str, bool]])->tuple[list[int], list[int]]:
@@ -161,10 +169,10 @@ def lm_pretrain_task(cfg)->Task:
                 count=lambda b: count_targets(b["labels"]), evaluate=lambda model: lm_eval(model, held), chance={"acc": 1 / len(tok)})
 
 # %% ../../nbs/07_zoo_lm.ipynb #f687cf43
-def _read_notes(vlm, plans:list[dict], prompts:list[str], max_new:int, batch_size:int)->list[str]:
-    "Greedy continuations of each plan's true note (`canonical_note`) followed by its prompt."
+def _read_notes(vlm, plans:list[dict], prompts:list[str], max_new:int, batch_size:int, note:dict|None)->list[str]:
+    "Greedy continuations of each plan's true note (`canonical_note`, worded by `note`) followed by its prompt."
     tok = vlm.lm.tokenizer
-    rows = [dict(zip(("input_ids", "labels"), encode_segments(tok, [(f"{sw.canonical_note(p['meta']['scenes'][0])} {pr}", False)],
+    rows = [dict(zip(("input_ids", "labels"), encode_segments(tok, [(f"{sw.canonical_note(p['meta']['scenes'][0], **(note or {}))} {pr}", False)],
                                                               num_media=0, eos=False)), media=torch.zeros(0, 1, 3, 1, 1))
             for p, pr in zip(plans, prompts)]
     return [g for a in range(0, len(rows), batch_size) for g in generate(vlm, collate_vlm(rows[a:a + batch_size], tok.pad_token_id), max_new)]
@@ -175,13 +183,14 @@ def note_ceiling(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
                  max_objects:int=2,  # scenes of min_objects..max_objects shapes
                  min_objects:int=1,
                  seed:int=1_000_003,  # held-out scenes (training drew from other seeds)
-                 batch_size:int=64)->dict:
+                 batch_size:int=64,
+                 note:dict|None=None)->dict:  # `canonical_note`'s keywords, as the LM was pretrained (`note_wording`)
     "The LM reading each held-out scene's true note as text: caption accuracy and VQA exact match (overall and per kind)."
     vlm, out = build_vlm({"lm": lm}, cache=None).eval(), {}
     for task, n in (("caption", n_captions), ("vqa", n_questions)):
         plans = [sw.ShapesWorld(task, seed=seed, size=n, min_objects=min_objects, max_objects=max_objects).plan(i) for i in range(n)]
         prompts = ["caption :" if task == "caption" else f"question : {p['meta']['prompt']} answer :" for p in plans]
-        gen = _read_notes(vlm, plans, prompts, 48 if task == "caption" else 6, batch_size)
+        gen = _read_notes(vlm, plans, prompts, 48 if task == "caption" else 6, batch_size, note)
         if task == "caption":
             sc = [sw.caption_scores(p["meta"]["scenes"][0], g) for p, g in zip(plans, gen)]
             out |= {f"caption_{k}": round(sum(s[k] for s in sc) / n, 4) for k in ("true", "obj_precision", "obj_recall")}
@@ -214,6 +223,8 @@ def _train_tokenizer(out:Path, quick:bool):
         texts += [" ".join(s for s, _ in lm_episode(rng, d)) for _ in range(500 if quick else 5000)]
     save_tokenizer(add_chat_templates(train_tokenizer(texts, vocab_size=1024)), out / "tokenizer")  # llava_v1, plain, zoo (40_llava)
 
+def _wording(cfg)->dict: return note_wording(parse_dataclass(LMPretrainData, cfg.data, "data"))
+
 def _pretrain_and_save(cfg, dest:Path, progress:bool):
     "Run `cfg`, save its LM to `dest` as the bridges run it (SDPA); the run's result and its seconds."
     t0, res = time.time(), fit(cfg, progress=progress)
@@ -245,33 +256,38 @@ def build_zoo(out=None,  # folder to write (default: `ZOO_DIR`)
                           **{f"heldout_{k}": round(v, 4) for k, v in res.metrics.items()})
         if name == "lm" and not quick:
             info[name]["seconds_with_tokenizer"] = info[name]["seconds"] + info["tokenizer"]["seconds"]
-            info[name]["ceiling"] = {f"1-{k} objects": note_ceiling(str(out / name), max_objects=k) for k in (2, 4)}
+            info[name]["ceiling"] = {f"1-{k} objects": note_ceiling(str(out / name), max_objects=k, note=_wording(cfg)) for k in (2, 4)}
     (out / "zoo.json").write_text(json.dumps(info, indent=2))
     return info
 
 # %% ../../nbs/07_zoo_lm.ipynb #ba06fb72
 _NOTE_ORDER = {"size": 0, "colour": 1, "shape": 2, "position": 3}  # canonical_note: "size colour shape at the position"
 
+def named_attributes(question:str)->list[str]:
+    "The attributes a question names its object by, in the canonical note's order."
+    words = set(question.split())
+    named = [a for a, vocab in (("size", sw.SIZES), ("colour", sw.COLOURS), ("shape", sw.SHAPES)) if words & set(vocab)]
+    return named + (["position"] if " at the " in f" {question} " else [])
+
 def lookup_direction(question:str, kind:str)->str:
     "'backward' when the question names an attribute that the note lists after the one it asks for (`kind`), else 'forward'."
     if kind not in ("colour", "shape", "position"): raise ValueError(f"kind={kind!r}: only colour, shape and position questions look an object up")
-    words = set(question.split())
-    named = [a for a, vocab in (("size", sw.SIZES), ("colour", sw.COLOURS), ("shape", sw.SHAPES)) if words & set(vocab)]
-    named += ["position"] if " at the " in f" {question} " else []
-    return "backward" if any(_NOTE_ORDER[a] > _NOTE_ORDER[kind] for a in named) else "forward"
+    return "backward" if any(_NOTE_ORDER[a] > _NOTE_ORDER[kind] for a in named_attributes(question)) else "forward"
 
 @torch.no_grad()
 def lookup_directions(lm:str="zoo:lm",  # the LM, by spec (`build_lm`)
-                      *, n_questions:int=1024, seed:int=1_000_003, batch_size:int=64)->dict:
-    "VQA exact match from the true note on held-out scenes of two shapes: colour, shape and position questions by lookup direction."
+                      *, n_questions:int=1024, seed:int=1_000_003, batch_size:int=64,
+                      note:dict|None=None)->dict:  # `canonical_note`'s keywords, as the LM was pretrained
+    "VQA exact match from the true note on held-out scenes of two shapes: colour, shape and position questions by lookup direction and by the attributes they name."
     if n_questions < 1: raise ValueError(f"n_questions={n_questions} must be >= 1")
     ds = sw.ShapesWorld("vqa", seed=seed, size=n_questions, min_objects=2, max_objects=2, vqa_kinds=("colour", "shape", "position"))
     plans = [ds.plan(i) for i in range(n_questions)]
-    gen = _read_notes(build_vlm({"lm": lm}, cache=None).eval(), plans, [f"question : {p['meta']['prompt']} answer :" for p in plans], 6, batch_size)
+    gen = _read_notes(build_vlm({"lm": lm}, cache=None).eval(), plans, [f"question : {p['meta']['prompt']} answer :" for p in plans], 6, batch_size, note)
     hits = {}
     for p, g in zip(plans, gen):
         d = lookup_direction(p["meta"]["prompt"], p["meta"]["kind"])
-        for key in (d, f"{d} {p['meta']['kind']}"): hits.setdefault(key, []).append(g == p["meta"]["answer"])
+        by = f"{p['meta']['kind']} by {' + '.join(named_attributes(p['meta']['prompt']))}"  # e.g. "colour by size + shape"
+        for key in (d, f"{d} {p['meta']['kind']}", by): hits.setdefault(key, []).append(g == p["meta"]["answer"])
     return {k: {"em": round(sum(h) / len(h), 4), "n": len(h)} for k, h in sorted(hits.items())}
 
 # %% ../../nbs/07_zoo_lm.ipynb #af30611d
@@ -311,6 +327,18 @@ SWEEP_ROWS |= {"EOS after every answer + 6 layers of 128 + 1-3 shapes + focus st
                    *_S128, "stages=[{name: backward, steps: 1500}, {name: pretrain, steps: 4000}]", *_BIND,
                    "data.stages={backward: {min_objects: 2, max_objects: 2, mix: {vqa: 1.0}, vqa_kinds: {colour: 1.0, shape: 1.0}}}", "train.threads=1"]}
 
+_RESTATE_CS = [*_S128, *_BIND, "data.restate_note=colour shape"]  # "... at the top left , red circle"
+SWEEP_ROWS |= {"EOS after every answer + note restating colour then shape + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps": [
+                   *_RESTATE_CS, "stages.0.steps=4000", "train.threads=1"],
+               "EOS after every answer + note restating colour then shape + 1-3 shapes, binding questions throughout": [
+                   "data.end_turns=true", "data.max_objects=3", *_BIND, "data.restate_note=colour shape", "train.threads=1"],
+               "EOS after every answer + note restating shape then colour + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps": [
+                   *_S128, *_BIND, "data.restate_note=shape colour", "stages.0.steps=4000", "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 8000 steps": [
+                   *_S128, "stages.0.steps=8000", *_BIND, "train.threads=1"]}
+SWEEP_ROWS["EOS after every answer + note opening with the position + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps"] = [
+    *_S128, *_BIND, "data.position_first=true", "stages.0.steps=4000", "train.threads=1"]  # is an object found by the word its entry opens with?
+
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
                  *, n_questions:int=1024,
@@ -322,16 +350,16 @@ def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/
     for name, sets in rows.items():
         if name in done and done[name]["overrides"] == list(sets): res["rows"].append(done[name]); continue  # measured by an earlier call
         d = Path(root) / name.replace(" ", "_").replace("/", "-")
+        cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
         if not (d / "trained.json").exists():
-            cfg = _zoo_config("note", ZOO_DIR / "tokenizer", False, str(d / "run"), sets)
             run, secs = _pretrain_and_save(cfg, d / "lm", progress)
             (d / "trained.json").write_text(json.dumps(dict(row=name, overrides=list(sets), steps=run.step, seconds=secs, threads=cfg.train.threads,
                                                             **{f"heldout_{k}": round(v, 4) for k, v in run.metrics.items()})) + "\n")
         row = json.loads((d / "trained.json").read_text())
         if row["overrides"] != list(sets): raise ValueError(f"{d} holds row {name!r} trained with {row['overrides']}, not {list(sets)}: move it away")
         if (d / "ceiling.json").exists(): row = json.loads((d / "ceiling.json").read_text())  # measured apart from training
-        else: row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions) for k in (2, 4)}
-        if "directions" not in row: row["directions"] = lookup_directions(str(d / "lm"), n_questions=n_questions)
+        else: row["ceiling"] = {f"1-{k} objects": note_ceiling(str(d / "lm"), max_objects=k, n_questions=n_questions, note=_wording(cfg)) for k in (2, 4)}
+        if "directions" not in row: row["directions"] = lookup_directions(str(d / "lm"), n_questions=n_questions, note=_wording(cfg))
         (d / "ceiling.json").write_text(json.dumps(row, indent=1) + "\n")
         res["rows"].append(row)
     if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
