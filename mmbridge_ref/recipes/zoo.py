@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import json
 import random
@@ -25,9 +26,9 @@ from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
 __all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'note_wording',
-           'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval',
-           'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'named_attributes', 'lookup_direction',
-           'lookup_directions', 'recipe_sweep', 'probe_contrast']
+           'alike_scene', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective',
+           'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'named_attributes',
+           'lookup_direction', 'lookup_directions', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -48,6 +49,7 @@ class LMPretrainData:
     end_turns:bool=False  # fmt="note": close every answer with EOS (a target), as LLaVA-1's template closes each turn; False: the last only
     restate_note:str=""  # fmt="note": attributes each object of the note names again after its position (`sw.canonical_note`)
     position_first:bool=False  # fmt="note": each object of the note opens with its position
+    alike:float=0.0  # share of scenes made alike: every object in the first one's colour and size (`alike_scene`)
 
     def __post_init__(self):
         _check(self.fmt in ("note", "bare"), "fmt", self.fmt, "'note' or 'bare'")
@@ -58,6 +60,7 @@ class LMPretrainData:
                    f"weights of {', '.join(sw.VQA_KINDS)}, summing to more than 0")
         _check(set(self.restate_note.split()) <= {"size", "colour", "shape"}, "restate_note", self.restate_note,
                "attributes among size, colour and shape, e.g. 'shape colour'")
+        _check(0 <= self.alike <= 1, "alike", self.alike, "a share between 0 and 1")
         _check(self.qa_turns >= 1 and self.seq_len >= 32, "qa_turns", (self.qa_turns, self.seq_len), "qa_turns >= 1 and seq_len >= 32")
 
 def note_wording(d:LMPretrainData)->dict:
@@ -69,9 +72,16 @@ def _check_eos(tok, d:LMPretrainData):
     if d.end_turns and tok.convert_tokens_to_ids(EOS) != tok.eos_token_id:
         raise ConfigError("data.end_turns", f"needs a tokenizer whose EOS is {EOS!r}; {d.tokenizer!r} has {tok.eos_token!r}")
 
+def alike_scene(scene:sw.Scene)->sw.Scene:
+    "`scene` with every object in the first one's colour and size, so only shape and position tell them apart (a repeated shape is dropped)."
+    first, objs = scene.objects[0], {}
+    for o in scene.objects: objs.setdefault(o.shape, dataclasses.replace(o, colour=first.colour, size=first.size))
+    return sw.Scene(list(objs.values()))
+
 def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="all")->list[tuple[str, bool]]:
     "One scene as `(text, supervised)` segments: a note (fmt='note') then a caption, questions or a dialogue."
     scene = sw.sample_scene(rng, d.min_objects, d.max_objects, split)
+    if d.alike and rng.random() < d.alike: scene = alike_scene(scene)
     kind = rng.choices(list(d.mix), weights=list(d.mix.values()))[0]
     if kind == "caption": turns = [("caption :", sw.caption(scene, rng))]
     elif kind == "vqa":
@@ -338,6 +348,8 @@ SWEEP_ROWS |= {"EOS after every answer + note restating colour then shape + 6 la
                    *_S128, "stages.0.steps=8000", *_BIND, "train.threads=1"]}
 SWEEP_ROWS["EOS after every answer + note opening with the position + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps"] = [
     *_S128, *_BIND, "data.position_first=true", "stages.0.steps=4000", "train.threads=1"]  # is an object found by the word its entry opens with?
+SWEEP_ROWS["EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 3 scenes in 10 alike, 4000 steps"] = [
+    *_S128, *_BIND, "data.alike=0.3", "stages.0.steps=4000", "train.threads=1"]  # only a shape or a position can name an object there
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
