@@ -74,6 +74,7 @@ def _check_eos(tok, d:LMPretrainData):
 
 def alike_scene(scene:sw.Scene)->sw.Scene:
     "`scene` with every object in the first one's colour and size, so only shape and position tell them apart (a repeated shape is dropped)."
+    if not scene.objects: raise ValueError("alike_scene: the scene has no objects to make alike")
     first, objs = scene.objects[0], {}
     for o in scene.objects: objs.setdefault(o.shape, dataclasses.replace(o, colour=first.colour, size=first.size))
     return sw.Scene(list(objs.values()))
@@ -345,11 +346,11 @@ SWEEP_ROWS |= {"EOS after every answer + note restating colour then shape + 6 la
                "EOS after every answer + note restating shape then colour + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps": [
                    *_S128, *_BIND, "data.restate_note=shape colour", "stages.0.steps=4000", "train.threads=1"],
                "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 8000 steps": [
-                   *_S128, "stages.0.steps=8000", *_BIND, "train.threads=1"]}
-SWEEP_ROWS["EOS after every answer + note opening with the position + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps"] = [
-    *_S128, *_BIND, "data.position_first=true", "stages.0.steps=4000", "train.threads=1"]  # is an object found by the word its entry opens with?
-SWEEP_ROWS["EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 3 scenes in 10 alike, 4000 steps"] = [
-    *_S128, *_BIND, "data.alike=0.3", "stages.0.steps=4000", "train.threads=1"]  # only a shape or a position can name an object there
+                   *_S128, "stages.0.steps=8000", *_BIND, "train.threads=1"],
+               "EOS after every answer + note opening with the position + 6 layers of 128 + 1-3 shapes, binding questions throughout, 4000 steps": [
+                   *_S128, *_BIND, "data.position_first=true", "stages.0.steps=4000", "train.threads=1"],  # found by the word its entry opens with?
+               "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 3 scenes in 10 alike, 4000 steps": [
+                   *_S128, *_BIND, "data.alike=0.3", "stages.0.steps=4000", "train.threads=1"]}  # only a shape or a position names an object there
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
