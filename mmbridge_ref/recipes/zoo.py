@@ -26,9 +26,9 @@ from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
 __all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'note_wording',
-           'alike_scene', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel', 'CausalLMObjective',
-           'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo', 'named_attributes',
-           'lookup_direction', 'lookup_directions', 'recipe_sweep', 'probe_contrast']
+           'alike_scene', 'plain_question', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel',
+           'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo',
+           'named_attributes', 'lookup_direction', 'lookup_directions', 'recipe_sweep', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -50,6 +50,7 @@ class LMPretrainData:
     restate_note:str=""  # fmt="note": attributes each object of the note names again after its position (`sw.canonical_note`)
     position_first:bool=False  # fmt="note": each object of the note opens with its position
     alike:float=0.0  # share of scenes made alike: every object in the first one's colour and size (`alike_scene`)
+    plain_refs:float=0.0  # share of colour, shape and position questions drawn again until they name their object by neither colour nor size
 
     def __post_init__(self):
         _check(self.fmt in ("note", "bare"), "fmt", self.fmt, "'note' or 'bare'")
@@ -61,6 +62,7 @@ class LMPretrainData:
         _check(set(self.restate_note.split()) <= {"size", "colour", "shape"}, "restate_note", self.restate_note,
                "attributes among size, colour and shape, e.g. 'shape colour'")
         _check(0 <= self.alike <= 1, "alike", self.alike, "a share between 0 and 1")
+        _check(0 <= self.plain_refs <= 1, "plain_refs", self.plain_refs, "a share between 0 and 1")
         _check(self.qa_turns >= 1 and self.seq_len >= 32, "qa_turns", (self.qa_turns, self.seq_len), "qa_turns >= 1 and seq_len >= 32")
 
 def note_wording(d:LMPretrainData)->dict:
@@ -79,6 +81,22 @@ def alike_scene(scene:sw.Scene)->sw.Scene:
     for o in scene.objects: objs.setdefault(o.shape, dataclasses.replace(o, colour=first.colour, size=first.size))
     return sw.Scene(list(objs.values()))
 
+_BY_LOOKS = set(sw.COLOURS) | set(sw.SIZES)
+
+def plain_question(scene:sw.Scene, rng:random.Random, kind:str, split:str="all", tries:int=32)->tuple[str, str]:
+    "A `kind` question (colour, shape or position) whose object is named by its shape or position alone, where `tries` draws find one."
+    if kind not in ("colour", "shape", "position"): raise ValueError(f"kind={kind!r}: only colour, shape and position questions name an object")
+    for _ in range(tries):
+        q, a = sw.vqa(scene, rng, kind, split=split)
+        if not set(q.split()) & _BY_LOOKS: break
+    return q, a
+
+def _question(scene, rng, kind, d:LMPretrainData, split):
+    if d.plain_refs and rng.random() < d.plain_refs:
+        kind = kind or rng.choice(sw.VQA_KINDS)
+        if kind in ("colour", "shape", "position"): return plain_question(scene, rng, kind, split)
+    return sw.vqa(scene, rng, kind, split=split)
+
 def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="all")->list[tuple[str, bool]]:
     "One scene as `(text, supervised)` segments: a note (fmt='note') then a caption, questions or a dialogue."
     scene = sw.sample_scene(rng, d.min_objects, d.max_objects, split)
@@ -87,7 +105,7 @@ def lm_episode(rng:random.Random, d:LMPretrainData=LMPretrainData(), split:str="
     if kind == "caption": turns = [("caption :", sw.caption(scene, rng))]
     elif kind == "vqa":
         kinds = [rng.choices(list(d.vqa_kinds), weights=list(d.vqa_kinds.values()))[0] if d.vqa_kinds else None for _ in range(d.qa_turns)]
-        turns = [(f"question : {q} answer :", a) for q, a in (sw.vqa(scene, rng, k, split=split) for k in kinds)]
+        turns = [(f"question : {q} answer :", a) for q, a in (_question(scene, rng, k, d, split) for k in kinds)]
     else:
         conv = sw.dialogue(scene, rng, split=split)
         turns = [(f"user : {h['value'].replace(sw.IMAGE_TOKEN, '').strip()} assistant :", g["value"]) for h, g in zip(conv[::2], conv[1::2])]
@@ -351,6 +369,10 @@ SWEEP_ROWS |= {"EOS after every answer + note restating colour then shape + 6 la
                    *_S128, *_BIND, "data.position_first=true", "stages.0.steps=4000", "train.threads=1"],  # found by the word its entry opens with?
                "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 3 scenes in 10 alike, 4000 steps": [
                    *_S128, *_BIND, "data.alike=0.3", "stages.0.steps=4000", "train.threads=1"]}  # only a shape or a position names an object there
+SWEEP_ROWS |= {"EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, half the scenes alike, 4000 steps": [
+                   *_S128, *_BIND, "data.alike=0.5", "stages.0.steps=4000", "train.threads=1"],
+               "EOS after every answer + 6 layers of 128 + 1-3 shapes, binding questions throughout, 3 scenes in 10 alike, half the questions by shape or position alone, 4000 steps": [
+                   *_S128, *_BIND, "data.alike=0.3", "data.plain_refs=0.5", "stages.0.steps=4000", "train.threads=1"]}  # more practice at the lookups the LM misses
 
 def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/zoo_lm.yaml
                  root:str|Path=ROOT / "runs" / "zoo_sweep",  # each row's run, LM and ceiling go to root/<row>
