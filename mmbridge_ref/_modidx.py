@@ -1194,6 +1194,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo.alike_scene': ( 'zoo_lm.html#alike_scene',
                                                                                     'mmbridge_ref/recipes/zoo.py'),
+                                          'mmbridge_ref.recipes.zoo.build_candidate': ( 'zoo_lm.html#build_candidate',
+                                                                                        'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo.build_zoo': ('zoo_lm.html#build_zoo', 'mmbridge_ref/recipes/zoo.py'),
                                           'mmbridge_ref.recipes.zoo.encode_episode': ( 'zoo_lm.html#encode_episode',
                                                                                        'mmbridge_ref/recipes/zoo.py'),

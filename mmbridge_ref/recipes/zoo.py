@@ -25,10 +25,11 @@ from ..train.loop import Task, fit, fit_rows, load_run, register_task
 from ..vlm import build_vlm, collate_vlm, encode_segments, generate
 
 # %% auto #0
-__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'PROBE_RESULT', 'PROBE_ROWS', 'LMPretrainData', 'note_wording',
-           'alike_scene', 'plain_question', 'lm_episode', 'encode_episode', 'pack_rows', 'LMPretrainModel',
-           'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task', 'note_ceiling', 'build_zoo',
-           'named_attributes', 'lookup_direction', 'lookup_directions', 'recipe_sweep', 'probe_contrast']
+__all__ = ['EOS', 'SWEEP_RESULT', 'FOCUS_STAGE', 'SWEEP_ROWS', 'CANDIDATE', 'CANDIDATE_RESULT', 'PROBE_RESULT', 'PROBE_ROWS',
+           'LMPretrainData', 'note_wording', 'alike_scene', 'plain_question', 'lm_episode', 'encode_episode',
+           'pack_rows', 'LMPretrainModel', 'CausalLMObjective', 'lm_batch', 'lm_eval', 'stage_data', 'lm_pretrain_task',
+           'note_ceiling', 'build_zoo', 'named_attributes', 'lookup_direction', 'lookup_directions', 'recipe_sweep',
+           'build_candidate', 'probe_contrast']
 
 # %% ../../nbs/07_zoo_lm.ipynb #75e52a9c
 EOS = "</s>"  # the zoo tokenizer's end of sequence, as text
@@ -399,6 +400,23 @@ def recipe_sweep(rows:dict[str, list[str]],  # row name -> overrides of configs/
         res["rows"].append(row)
     if out is not None: Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return res
+
+# %% ../../nbs/07_zoo_lm.ipynb #1bfa4842
+CANDIDATE = [*_S128, *_BIND, "data.alike=0.3", "data.plain_refs=0.5", "stages.0.steps=4000"]  # the best sweep row, on the build's threads
+CANDIDATE_RESULT = ROOT / "data_samples" / "results" / "zoo_lm_candidate.json"
+
+def build_candidate(out:str|Path=ROOT / "runs" / "zoo_candidate",  # the folder `build_zoo` writes (a zoo of its own)
+                    *, record:str|Path|None=None,  # a JSON to write the build's `lm` entry to (CANDIDATE_RESULT for the committed one)
+                    build:bool=True)->dict:  # False: record a build already in `out`
+    "`lm` pretrained from `CANDIDATE` as `mmbridge zoo build --only lm` would, into `out`: its `zoo.json` entry (seconds, held-out figures, ceiling)."
+    info = build_zoo(out, only=["lm"], sets=CANDIDATE) if build else json.loads((Path(out) / "zoo.json").read_text())
+    want = "mmbridge zoo build --only lm" + "".join(f" --set {s}" for s in CANDIDATE)
+    if info.get("lm", {}).get("command") != want:
+        raise ValueError(f"{out} holds an lm built by {info.get('lm', {}).get('command')!r}, not from CANDIDATE ({want!r})")
+    res = {**info["lm"], "command": 'python -c "from mmbridge_ref.recipes.zoo import *; build_candidate(record=CANDIDATE_RESULT)"', "overrides": CANDIDATE}
+    if record is not None: Path(record).write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
 
 # %% ../../nbs/07_zoo_lm.ipynb #32e86d3f
 PROBE_RESULT = ROOT / "data_samples" / "results" / "prefix_probe.json"
