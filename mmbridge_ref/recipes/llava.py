@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.towers import ROOT, count_targets
+from ..core import autocast
 from ..data import shapesworld as sw
 from ..data.chat import MC_ANSWER, SHORT_ANSWER, _template, tokenize_conversation
 from ..data.formats import ImageError, LlavaJsonDataset, load_hf_dataset
@@ -26,9 +27,10 @@ from ..train.loop import Task, register_task
 from ..vlm import FEATURES, VLM, build_vlm, collate_vlm, encode_segments, generate, visual_token_count
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'LLAVA_RESULT', 'YIVL_RESULT', 'LLAVA_ROWS', 'YIVL_ROWS', 'LlavaDataConfig', 'Dropped',
-           'conversation_row', 'caption_messages', 'LlavaStream', 'llava_eval_sets', 'prompt_row', 'generate_replies',
-           'chance_levels', 'llava_evaluate', 'llava_task', 'llava_report', 'answer', 'llava_measurements']
+__all__ = ['TINY_CONFIG', 'LLAVA_RESULT', 'YIVL_RESULT', 'LLAVA_ROWS', 'YIVL_ROWS', 'BUDGET_RESULT', 'BUDGET_ROWS',
+           'LlavaDataConfig', 'Dropped', 'conversation_row', 'caption_messages', 'LlavaStream', 'llava_eval_sets',
+           'prompt_row', 'generate_replies', 'chance_levels', 'llava_evaluate', 'answer_formats', 'llava_task',
+           'llava_report', 'answer', 'llava_measurements']
 
 # %% ../../nbs/40b_llava_train.ipynb #c6dc8aef
 @dataclass
@@ -208,6 +210,28 @@ def llava_evaluate(model:VLM, sets:dict, template:str, *, blank:bool=False, batc
     if keep: out["samples"] = dict(vqa=vqa, vqa_free=free, mc=mc, describe=desc)
     return out
 
+# %% ../../nbs/40b_llava_train.ipynb #dd2192fe
+def _has_words(reply:str, answer:str)->bool:
+    "`answer` appears in `reply` as whole words (punctuation ignored)."
+    words = " " + " ".join(reply.replace(".", " ").replace(",", " ").replace(":", " ").split()) + " "
+    return f" {answer} " in words
+
+@torch.no_grad()
+def answer_formats(model:VLM, sets:dict, template:str, *, batch_size:int=64)->dict:
+    "Held-out VQA per kind, three ways: exact match with SHORT_ANSWER, the answer inside the free reply, exact match in the LM's own format."
+    vqa, mean = sets["vqa"], lambda xs: round(sum(xs) / max(len(xs), 1), 4)
+    own = [r | {"prompt": f"{sw.IMAGE_TOKEN} question : {r['prompt'].splitlines()[1]} answer :"} for r in vqa]
+    short = generate_replies(model, vqa, template, 8, batch_size=batch_size)
+    free = generate_replies(model, sets["vqa_free"], template, 16, batch_size=batch_size)
+    plain = generate_replies(model, own, None, 8, batch_size=batch_size)
+    score = {"short_em": [g == r["answer"] for g, r in zip(short, vqa)],
+             "free_has_answer": [_has_words(g, r["answer"]) for g, r in zip(free, vqa)],
+             "own_format_em": [g.removesuffix(" .").strip() == r["answer"] for g, r in zip(plain, vqa)]}
+    out = {f"{name}_{kind}": mean([s for s, r in zip(xs, vqa) if r["kind"] == kind]) for name, xs in score.items() for kind in sw.VQA_KINDS}
+    out |= {name: mean(xs) for name, xs in score.items()}
+    out["short_distinct"] = len(set(short))  # how many different short answers it gives to all the questions
+    return out
+
 # %% ../../nbs/40b_llava_train.ipynb #2fd37b36
 TINY_CONFIG = ROOT / "configs" / "llava_tiny.yaml"
 
@@ -287,11 +311,25 @@ YIVL_ROWS = {  # Yi-VL (Young et al. 2024): the vision tower trains with the pro
     "tower lr x0.01, no cap": ["stages.0.trainable=[bridge.*, vision.*]", "stages.0.lr_mult={vision.*: 0.01}",
                                "stages.1.trainable=[bridge.*, lm.*, vision.*]", "stages.1.lr_mult={lm.*: 0.1, vision.*: 0.01}"]}
 
+BUDGET_RESULT = ROOT / "data_samples" / "results" / "llava_budget.json"  # llava_measurements(rows=BUDGET_ROWS, formats=True, ...)
+BUDGET_ROWS = {  # stage 2's budget: its steps and the LM's share of the learning rate (the recipe: 200 steps at 0.1)
+    "stage 1 + 2 (the recipe)": [],
+    "stage 2 for 600 steps": ["stages.1.steps=600"],
+    "LM at 0.5 of the rate": ["stages.1.lr_mult={lm.*: 0.5}"],
+    "LM at 0.02 of the rate": ["stages.1.lr_mult={lm.*: 0.02}"],
+}
+
+def _rel(p:str|Path)->str:
+    "`p` as seen from the repository root when it lies under it: a recorded command names no machine."
+    p = Path(p).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
 def llava_measurements(config:str|Path=TINY_CONFIG,
                        rows:dict[str, list[str]]|None=None,  # row name -> overrides (default `LLAVA_ROWS`)
                        extra:list[str]=(),  # overrides for every row
                        root:str|Path=ROOT / "runs" / "llava",
-                       out:str|Path|None=None)->dict:  # the JSON to write (None: nothing written)
+                       out:str|Path|None=None,  # the JSON to write (None: nothing written)
+                       formats:bool=False)->dict:  # also `answer_formats` of every row
     "Train each row on the recipe's budget; held-out figures, curves, the compositional split of the first row."
     from mmbridge_ref.train.loop import fit_rows, load_run
     rows = rows or LLAVA_ROWS
@@ -303,9 +341,16 @@ def llava_measurements(config:str|Path=TINY_CONFIG,
     result["compositional"] = llava_evaluate(first.model, llava_eval_sets(d, cfg.train.seed), d.template)
     result["blank_images"] = llava_evaluate(first.model, llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed),
                                             d.template, blank=True)
+    if formats:
+        sets = llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed)
+        for row in result["rows"]:  # under the precision the engine evaluates in, so that short_em is the row's vqa_em
+            model = load_run(row["run_dir"]).model
+            with autocast(next(model.parameters()).device, cfg.train.precision): row["formats"] = answer_formats(model, sets, d.template)
     result["chance"] = chance_levels(llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed))
-    named = "YIVL_ROWS" if rows is YIVL_ROWS else None if rows is LLAVA_ROWS else repr(rows)
-    args = ", ".join([f"rows={named}"] * (named is not None) + [f"extra={list(extra)}"] * bool(extra) + [f"out={str(out)!r}"] * (out is not None))
+    named = {id(YIVL_ROWS): "YIVL_ROWS", id(BUDGET_ROWS): "BUDGET_ROWS", id(LLAVA_ROWS): None}.get(id(rows), repr(rows))
+    args = ", ".join([f"rows={named}"] * (named is not None) + [f"extra={list(extra)}"] * bool(extra) +
+                     [f"root={_rel(root)!r}"] * (Path(root) != ROOT / "runs" / "llava") + [f"out={str(out)!r}"] * (out is not None) +
+                     ["formats=True"] * formats)
     result |= {"command": f'python -c "from mmbridge_ref.recipes.llava import *; llava_measurements({args})"',
                "seconds": round(time.time() - t0)}
     if out is not None: Path(out).write_text(json.dumps(result, indent=1) + "\n")
