@@ -305,17 +305,17 @@ LLAVA_ROWS = {
 }
 YIVL_ROWS = {  # Yi-VL (Young et al. 2024): the vision tower trains with the projector, then everything; each source capped
     f"Yi-VL stages, tower lr x{m}": ["data.source_cap=50", "stages.0.trainable=[bridge.*, vision.*]", f"stages.0.lr_mult={{vision.*: {m}}}",
-                                     "stages.1.trainable=[bridge.*, lm.*, vision.*]", f"stages.1.lr_mult={{lm.*: 0.1, vision.*: {m}}}"]
+                                     "stages.1.trainable=[bridge.*, lm.*, vision.*]", f"stages.1.lr_mult={{lm.*: 0.5, vision.*: {m}}}"]
     for m in (0.1, 0.01, 0.001)} | {
     "source cap only": ["data.source_cap=50"],  # LLaVA's stages, Yi-VL's capped mix: what the cap alone does
     "tower lr x0.01, no cap": ["stages.0.trainable=[bridge.*, vision.*]", "stages.0.lr_mult={vision.*: 0.01}",
-                               "stages.1.trainable=[bridge.*, lm.*, vision.*]", "stages.1.lr_mult={lm.*: 0.1, vision.*: 0.01}"]}
+                               "stages.1.trainable=[bridge.*, lm.*, vision.*]", "stages.1.lr_mult={lm.*: 0.5, vision.*: 0.01}"]}
 
 BUDGET_RESULT = ROOT / "data_samples" / "results" / "llava_budget.json"  # llava_measurements(rows=BUDGET_ROWS, formats=True, ...)
-BUDGET_ROWS = {  # stage 2's budget: its steps and the LM's share of the learning rate (the recipe: 200 steps at 0.1)
-    "stage 1 + 2 (the recipe)": [],
-    "stage 2 for 600 steps": ["stages.1.steps=600"],
-    "LM at 0.5 of the rate": ["stages.1.lr_mult={lm.*: 0.5}"],
+BUDGET_ROWS = {  # stage 2's budget: its steps and the LM's share of the learning rate (the recipe: 200 steps at 0.5)
+    "LM at 0.1 of the rate (the first recipe)": ["stages.1.lr_mult={lm.*: 0.1}"],
+    "LM at 0.1, stage 2 for 600 steps": ["stages.1.lr_mult={lm.*: 0.1}", "stages.1.steps=600"],
+    "LM at 0.5 of the rate (the recipe)": ["stages.1.lr_mult={lm.*: 0.5}"],
     "LM at 0.02 of the rate": ["stages.1.lr_mult={lm.*: 0.02}"],
 }
 
