@@ -219,6 +219,9 @@ def _has_words(reply:str, answer:str)->bool:
 @torch.no_grad()
 def answer_formats(model:VLM, sets:dict, template:str, *, batch_size:int=64)->dict:
     "Held-out VQA per kind, three ways: exact match with SHORT_ANSWER, the answer inside the free reply, exact match in the LM's own format."
+    if missing := [k for k in ("vqa", "vqa_free") if k not in sets]: raise ValueError(f"sets lacks {missing}: pass llava_eval_sets(...)'s result")
+    if len(sets["vqa"]) != len(sets["vqa_free"]):
+        raise ValueError(f"sets['vqa'] holds {len(sets['vqa'])} questions but sets['vqa_free'] {len(sets['vqa_free'])}: the two must ask the same ones")
     vqa, mean = sets["vqa"], lambda xs: round(sum(xs) / max(len(xs), 1), 4)
     own = [r | {"prompt": f"{sw.IMAGE_TOKEN} question : {r['prompt'].splitlines()[1]} answer :"} for r in vqa]
     short = generate_replies(model, vqa, template, 8, batch_size=batch_size)
@@ -339,14 +342,13 @@ def llava_measurements(config:str|Path=TINY_CONFIG,
     cfg = load_config(config, list(extra))
     d = parse_dataclass(LlavaDataConfig, {**cfg.data, "eval_split": "test"}, "data")
     result["compositional"] = llava_evaluate(first.model, llava_eval_sets(d, cfg.train.seed), d.template)
-    result["blank_images"] = llava_evaluate(first.model, llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed),
-                                            d.template, blank=True)
+    held = llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed)  # the rows' own held-out sets
+    result["blank_images"] = llava_evaluate(first.model, held, d.template, blank=True)
     if formats:
-        sets = llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed)
         for row in result["rows"]:  # under the precision the engine evaluates in, so that short_em is the row's vqa_em
             model = load_run(row["run_dir"]).model
-            with autocast(next(model.parameters()).device, cfg.train.precision): row["formats"] = answer_formats(model, sets, d.template)
-    result["chance"] = chance_levels(llava_eval_sets(parse_dataclass(LlavaDataConfig, cfg.data, "data"), cfg.train.seed))
+            with autocast(next(model.parameters()).device, cfg.train.precision): row["formats"] = answer_formats(model, held, d.template)
+    result["chance"] = chance_levels(held)
     named = {id(YIVL_ROWS): "YIVL_ROWS", id(BUDGET_ROWS): "BUDGET_ROWS", id(LLAVA_ROWS): None}.get(id(rows), repr(rows))
     args = ", ".join([f"rows={named}"] * (named is not None) + [f"extra={list(extra)}"] * bool(extra) +
                      [f"root={_rel(root)!r}"] * (Path(root) != ROOT / "runs" / "llava") + [f"out={str(out)!r}"] * (out is not None) +
