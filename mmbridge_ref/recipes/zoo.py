@@ -87,6 +87,7 @@ _BY_LOOKS = set(sw.COLOURS) | set(sw.SIZES)
 def plain_question(scene:sw.Scene, rng:random.Random, kind:str, split:str="all", tries:int=32)->tuple[str, str]:
     "A `kind` question (colour, shape or position) whose object is named by its shape or position alone, where `tries` draws find one."
     if kind not in ("colour", "shape", "position"): raise ValueError(f"kind={kind!r}: only colour, shape and position questions name an object")
+    if tries < 1: raise ValueError(f"tries={tries} must be >= 1")
     for _ in range(tries):
         q, a = sw.vqa(scene, rng, kind, split=split)
         if not set(q.split()) & _BY_LOOKS: break
