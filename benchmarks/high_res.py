@@ -41,9 +41,9 @@ the cost by construction: AnyRes at its largest pinpoint (2 x 2 tiles, 336 token
 resampled tokens per view (84 and 80), whatever the input; past the cap each tile is downsampled, so a bigger input adds
 pixels the tower never sees (raise the pinpoints, max_slices or grid to see them, at a price). Fuyu has no cap: its tokens
 grow with the area like interpolation's, but a linear map per patch is much cheaper than a tower run at that size.
-Monkey's LoRA adds little to a step here: the tower is small next to the LM, and the per-tile and shared variants differ
-only in which adapter each crop uses. The CPU was shared: rows of one method that should cost the same and differ by
-less than about 1.5x (e.g. the shared-LoRA row at 32 px) differ by the other jobs' load."""
+Monkey's LoRA adds a little to a step (compare the rows of the same tiles with no LoRA), and the per-tile and shared
+variants cost the same: they differ only in which adapter each crop uses. The CPU may have been shared with other jobs:
+rows of one method that should cost the same and differ by much differ by the other jobs' load."""
 
 
 def rss_bytes():
