@@ -7,14 +7,15 @@ first 5 are warm-up: the frozen-feature cache fills, the allocator settles) and 
 targets/s, and the FLOP/s it achieved: the FLOPs of one training step (forward + backward of the trainable path,
 counted by torch's FlopCounterMode on a real batch) times the steps per second, as a fraction of the machine's
 peak, measured in the same run as the best of several large square matmuls at the same precision and thread count.
-`--quality` also trains the `vlm` and `flamingo` recipes for their full budgets in fp32 and in bf16 and compares
-their held-out figures. Results are printed and written as a markdown table (default: runs/train_step.md; the
+`--quality` also trains recipes for their full budgets in fp32 and in bf16 and compares their held-out figures and
+wall times (`--quality-recipes`: by default vlm, flamingo and 600 steps of the zoo LM; also clip and blip2). Results are printed and written as a markdown table (default: runs/train_step.md; the
 committed table is benchmarks/train_step.md, written with `--out benchmarks/train_step.md`).
 """
 import argparse
 import contextlib
 import io
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -120,17 +121,27 @@ def time_breakdown(config, extra, threads, steps=8):
     return {k: v / wall for k, v in total.items()} | {"python and data (not in any op)": max(0.0, 1 - ops / wall)}
 
 
-def quality(threads):
-    "Full-budget runs of the vlm and flamingo recipes in fp32 and bf16: their held-out figures side by side."
+QUALITY = {  # name -> (config, held-out figures to compare, overrides)
+    "vlm (mlp × prefix)": ("configs/vlm_tiny.yaml", ("loss", "vqa_em", "vqa_mc", "caption_obj_precision"), []),
+    "flamingo": ("configs/flamingo_tiny.yaml", ("fewshot_acc", "picture_acc", "clip_acc"), []),
+    "zoo LM, 600 steps": ("configs/zoo_lm.yaml", ("loss", "acc"), ["stages.0.steps=600", "train.eval_every=0", "train.ckpt_every=0"]),
+    "clip": ("configs/clip_tiny.yaml", ("i2t_r1", "t2i_r1", "colour_acc", "shape_acc"), []),
+    "blip2 (stages 1 and 2)": ("configs/blip2_tiny.yaml", ("i2t_r1", "t2i_r1", "vqa_em", "caption_obj_precision"), []),
+}
+QUALITY_DEFAULT = ["vlm (mlp × prefix)", "flamingo", "zoo LM, 600 steps"]
+
+
+def quality(threads, names=QUALITY_DEFAULT):
+    "Full-budget runs of each recipe in `names` in fp32 and bf16: their held-out figures and wall times side by side."
     out = {}
-    for name, config, keys, extra in (("vlm (mlp × prefix)", "configs/vlm_tiny.yaml", ("loss", "vqa_em", "vqa_mc", "caption_obj_precision"), []),
-                                      ("flamingo", "configs/flamingo_tiny.yaml", ("fewshot_acc", "picture_acc", "clip_acc"), []),
-                                      ("zoo LM, 600 steps", "configs/zoo_lm.yaml", ("loss", "acc"), ["stages.0.steps=600", "train.eval_every=0", "train.ckpt_every=0"])):
+    for name in names:
+        config, keys, extra = QUALITY[name]
         for p in PRECISIONS:
             with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
                 t0 = time.time()
                 res = fit(load_config(ROOT / config, [*extra, f"train.precision={p}", f"train.threads={threads}", f"train.run_dir={d}/{{name}}"]), progress=False)
             out[(name, p)] = {k: res.metrics.get(k) for k in keys} | {"seconds": round(time.time() - t0)}
+            print(f"{name:26} {p}: {out[(name, p)]}", flush=True)
     return out
 
 
@@ -139,7 +150,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="the tiny recipes run on one thread (train.threads: 1)")
     ap.add_argument("--quality", action="store_true", help="also compare held-out quality in fp32 and bf16 (full budgets, minutes)")
-    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), metavar="NAME", help="the recipes of the step-timing table (none: no table)")
+    ap.add_argument("--quality-recipes", nargs="*", default=QUALITY_DEFAULT, choices=list(QUALITY), metavar="NAME",
+                    help=f"the recipes --quality trains in full, among {list(QUALITY)}")
     ap.add_argument("--out", default=str(ROOT / "runs" / "train_step.md"))
     a = ap.parse_args(argv)
     peak = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, a.threads) for p in PRECISIONS}
@@ -150,13 +163,13 @@ def main(argv=None):
             print(f"{name:26} {p}: {r['samples_per_s']:7.1f} samples/s {r['targets_per_s']:8.0f} targets/s "
                   f"{r['flop_per_s'] / 1e9:6.2f} GFLOP/s = {r['flop_per_s'] / peak[p]:.1%} of the {p} peak", flush=True)
     lines = [f"# Training speed of the tiny recipes, fp32 vs bf16 autocast, on the CPU", "",
-             f"Command: `python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip() + "",
+             f"Command: `python benchmarks/train_step.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {a.threads} thread(s); {a.steps} steps per row, "
              f"the first 5 not counted; medians. The CPU may be shared: compare rows of one run.", "",
              f"Matmul peak measured in this run (best 1024² matmul): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-             f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s.", "",
-             "| recipe | precision | samples/s | targets/s | GFLOP per step | GFLOP/s | % of peak | bf16 / fp32 speed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s.", *[""] * bool(a.recipes),
+             *["| recipe | precision | samples/s | targets/s | GFLOP per step | GFLOP/s | % of peak | bf16 / fp32 speed |",
+               "|---|---|---:|---:|---:|---:|---:|---:|"] * bool(a.recipes)]
     for name in a.recipes:
         for p in PRECISIONS:
             r = results[(name, p)]
@@ -168,11 +181,11 @@ def main(argv=None):
               "optimizer row includes its own ops):", "", "| part | share of the step |", "|---|---:|"]
     lines += [f"| {k} | {100 * v:.0f}% |" for k, v in bd.items()]
     if a.quality:
-        q = quality(a.threads)
+        q = quality(a.threads, a.quality_recipes)
         lines += ["", "Held-out quality after each recipe's full budget, fp32 vs bf16 autocast (same seed, batches and steps):", "",
                   "| recipe | precision | held-out figures | seconds | bf16 / fp32 speed |", "|---|---|---|---:|---:|"]
         for (name, p), v in q.items():
-            figures = ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "seconds")
+            figures = ", ".join(f"{k} {x:.3f}" if x is not None else f"{k} (not measured)" for k, x in v.items() if k != "seconds")
             lines.append(f"| {name} | {p} | {figures} | {v['seconds']} | {q[(name, 'fp32')]['seconds'] / v['seconds']:.2f} |")
         lines += ["", "The step medians of the small recipes move by tens of percent between runs on this CPU, bf16's most; the",
                   "recipes' `train.precision` defaults follow these whole runs (evaluation included) instead."]
