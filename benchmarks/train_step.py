@@ -8,8 +8,9 @@ targets/s, and the FLOP/s it achieved: the FLOPs of one training step (forward +
 counted by torch's FlopCounterMode on a real batch) times the steps per second, as a fraction of the machine's
 peak, measured in the same run as the best of several large square matmuls at the same precision and thread count.
 `--quality` also trains recipes for their full budgets in fp32 and in bf16 and compares their held-out figures and
-wall times (`--quality-recipes`: by default vlm, flamingo and 600 steps of the zoo LM; also clip and blip2). Results are printed and written as a markdown table (default: runs/train_step.md; the
-committed table is benchmarks/train_step.md, written with `--out benchmarks/train_step.md`).
+wall times (`--quality-recipes`: by default vlm, flamingo and 600 steps of the zoo LM; also clip and blip2). Results
+are printed and written as a markdown table (default: runs/train_step.md; the committed tables are
+benchmarks/train_step.md and benchmarks/train_step_clip_blip2.md, each written with the command it records).
 """
 import argparse
 import contextlib
@@ -128,11 +129,12 @@ QUALITY = {  # name -> (config, held-out figures to compare, overrides)
     "clip": ("configs/clip_tiny.yaml", ("i2t_r1", "t2i_r1", "colour_acc", "shape_acc"), []),
     "blip2 (stages 1 and 2)": ("configs/blip2_tiny.yaml", ("i2t_r1", "t2i_r1", "vqa_em", "caption_obj_precision"), []),
 }
-QUALITY_DEFAULT = ["vlm (mlp × prefix)", "flamingo", "zoo LM, 600 steps"]
+QUALITY_DEFAULT = ("vlm (mlp × prefix)", "flamingo", "zoo LM, 600 steps")
 
 
 def quality(threads, names=QUALITY_DEFAULT):
     "Full-budget runs of each recipe in `names` in fp32 and bf16: their held-out figures and wall times side by side."
+    if unknown := [n for n in names if n not in QUALITY]: raise ValueError(f"unknown recipes {unknown}: choose among {list(QUALITY)}")
     out = {}
     for name in names:
         config, keys, extra = QUALITY[name]
@@ -151,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="the tiny recipes run on one thread (train.threads: 1)")
     ap.add_argument("--quality", action="store_true", help="also compare held-out quality in fp32 and bf16 (full budgets, minutes)")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), metavar="NAME", help="the recipes of the step-timing table (none: no table)")
-    ap.add_argument("--quality-recipes", nargs="*", default=QUALITY_DEFAULT, choices=list(QUALITY), metavar="NAME",
+    ap.add_argument("--quality-recipes", nargs="*", default=list(QUALITY_DEFAULT), choices=list(QUALITY), metavar="NAME",
                     help=f"the recipes --quality trains in full, among {list(QUALITY)}")
     ap.add_argument("--out", default=str(ROOT / "runs" / "train_step.md"))
     a = ap.parse_args(argv)
@@ -167,9 +169,10 @@ def main(argv=None):
              f"Machine: {platform.machine()} CPU, torch {torch.__version__}, {a.threads} thread(s); {a.steps} steps per row, "
              f"the first 5 not counted; medians. The CPU may be shared: compare rows of one run.", "",
              f"Matmul peak measured in this run (best 1024² matmul): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, "
-             f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s.", *[""] * bool(a.recipes),
-             *["| recipe | precision | samples/s | targets/s | GFLOP per step | GFLOP/s | % of peak | bf16 / fp32 speed |",
-               "|---|---|---:|---:|---:|---:|---:|---:|"] * bool(a.recipes)]
+             f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s."]
+    if a.recipes:
+        lines += ["", "| recipe | precision | samples/s | targets/s | GFLOP per step | GFLOP/s | % of peak | bf16 / fp32 speed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in a.recipes:
         for p in PRECISIONS:
             r = results[(name, p)]
